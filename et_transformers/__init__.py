@@ -1,0 +1,56 @@
+"""et_transformers: run Hugging Face causal language models on ExecuTorch with the transformers API.
+
+Public surface: :class:`ETModelForCausalLM`, :class:`ExportConfig`, :func:`export_to_pte`,
+:class:`Exporter`, :class:`GenerationStats` and the errors.
+Heavy modules load lazily, so ``import et_transformers`` is cheap and loading an exported model
+never imports the export stack.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .config import ExportConfig
+from .errors import (
+    CacheError,
+    ETTransformersError,
+    ExportError,
+    HubError,
+    InvalidConfigError,
+    ModelNotFoundError,
+    ProgramError,
+    UnsupportedModelError,
+)
+
+__version__ = "0.1.0"
+
+_LAZY = {
+    "export_to_pte": "et_transformers.export",
+    "Exporter": "et_transformers.export",
+    "ETModelForCausalLM": "et_transformers.modeling",
+    "GenerationStats": "et_transformers.generation",
+}
+
+__all__ = [
+    "CacheError",
+    "ETModelForCausalLM",
+    "ETTransformersError",
+    "ExportConfig",
+    "ExportError",
+    "Exporter",
+    "GenerationStats",
+    "HubError",
+    "InvalidConfigError",
+    "ModelNotFoundError",
+    "ProgramError",
+    "UnsupportedModelError",
+    "export_to_pte",
+]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'et_transformers' has no attribute {name!r}")

@@ -1,0 +1,94 @@
+"""Graph passes on the exported ATen program that let XNNPACK take whole decoder layers.
+
+XNNPACK's partitioner refuses a ``view`` whose target shape holds a symbolic size (even when
+``-1`` would say the same) and a ``mean`` that is not over the two innermost dims of a 4-D tensor.
+Transformers code produces both in every layer (head reshapes, RMSNorm), and each refusal cuts a
+delegate in two: more subgraphs, slower lowering, and a round trip through the portable runtime
+at every cut. These passes rewrite them into equivalent forms XNNPACK accepts; they change no
+numerics (``view`` with one inferred dim is the same view; a mean over ``[B, S, D, 1]``'s dims
+(2, 3) is the same mean over ``D``).
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+from torch.export import ExportedProgram
+
+logger = logging.getLogger(__name__)
+
+aten = torch.ops.aten
+
+
+def infer_symbolic_view_dims(ep: ExportedProgram) -> int:
+    """Give ``view``/``reshape`` target shapes static sizes and at most one inferred (``-1``) dim.
+
+    The sizes are read off the node's output: every static output dim becomes its int, and the
+    one dynamic dim (the sequence length) becomes ``-1``. Views with several dynamic dims are left
+    alone.
+
+    Returns:
+        The number of nodes rewritten.
+    """
+    count = 0
+    for node in ep.graph.nodes:
+        if node.op != "call_function" or node.target not in (aten.view.default, aten.reshape.default):
+            continue
+        out = node.meta.get("val")
+        shape = list(node.args[1])
+        if out is None or len(out.shape) != len(shape):
+            continue
+        if all(isinstance(d, int) for d in shape) and shape.count(-1) <= 1:
+            continue  # already fine for XNNPACK
+        dynamic = [i for i, d in enumerate(out.shape) if not isinstance(d, int)]
+        if len(dynamic) != 1:
+            continue
+        new_shape = [d if isinstance(d, int) else -1 for d in out.shape]
+        node.args = (node.args[0], new_shape, *node.args[2:])
+        count += 1
+    return count
+
+
+def mean_last_dim_as_4d(ep: ExportedProgram) -> int:
+    """Rewrite ``mean(x[B, S, D], dim=-1, keepdim=True)`` as a 4-D mean over dims (2, 3).
+
+    Returns:
+        The number of nodes rewritten.
+    """
+    graph = ep.graph
+    count = 0
+    for node in list(graph.nodes):
+        if node.op != "call_function" or node.target != aten.mean.dim:
+            continue
+        x, dims = node.args[0], list(node.args[1])
+        keepdim = node.args[2] if len(node.args) > 2 else node.kwargs.get("keepdim", False)
+        val = x.meta.get("val") if isinstance(x, torch.fx.Node) else None
+        if (
+            val is None
+            or val.dim() != 3
+            or dims not in ([-1], [2])
+            or not keepdim
+            or node.kwargs.get("dtype") is not None
+            or not isinstance(val.shape[0], int)
+            or not isinstance(val.shape[-1], int)
+        ):
+            continue
+        batch, width = val.shape[0], val.shape[-1]
+        with graph.inserting_before(node):
+            as_4d = graph.call_function(aten.view.default, (x, [batch, -1, width, 1]))
+            mean = graph.call_function(aten.mean.dim, (as_4d, [2, 3], True))
+            back = graph.call_function(aten.view.default, (mean, [batch, -1, 1]))
+        node.replace_all_uses_with(back)
+        graph.erase_node(node)
+        count += 1
+    return count
+
+
+def apply_xnnpack_friendly_rewrites(ep: ExportedProgram) -> ExportedProgram:
+    """Run every pass of this module on ``ep`` in place and return it."""
+    views = infer_symbolic_view_dims(ep)
+    means = mean_last_dim_as_4d(ep)
+    ep.graph_module.recompile()
+    logger.debug("XNNPACK rewrites: %d views, %d means", views, means)
+    return ep

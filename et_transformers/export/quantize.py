@@ -1,0 +1,220 @@
+"""Quantization stage: linear and embedding layers → modules in ExecuTorch's quantized-op vocabulary.
+
+Weights are quantized by torchao with the configs of ExecuTorch's own LLM helpers
+(``executorch.extension.llm.export.quantize``: symmetric, HQQ scale search), so a scheme means here
+exactly what it means in ExecuTorch's ``export_llm``. The quantized layers then compute with
+``quantized_decomposed`` ops, the vocabulary XNNPACK's partitioner and ExecuTorch's quantized
+kernels consume directly:
+
+* ``8da4w`` / ``8da8w``: per-token dynamic int8 activations (``choose_qparams_per_token_asymmetric``
+  → ``quantize_per_token`` → ``dequantize_per_token``) times dequantized int4/int8 weights; XNNPACK
+  fuses the pattern into one dynamically-quantized GEMM;
+* ``4w`` / ``8w``: float activations times dequantized weights;
+* embeddings: ``embedding_byte`` / ``embedding_4bit`` lookups.
+
+We use this vocabulary rather than torchao's tensor subclasses in the graph because the subclasses'
+ops are composite-implicit: every pass of lowering re-traces their Python bodies, which made
+lowering several times slower (measured: see ``benchmarks/export.py``). Numerics are unchanged:
+the quantized values are torchao's.
+
+Per-layer policy: a layer whose input size the requested group size does not divide is quantized
+per output channel instead (a finer grouping is impossible and leaving it in float would be a
+silent change); each such layer is logged.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..config import ExportConfig
+
+logger = logging.getLogger(__name__)
+
+#: scheme -> (weight bits, dynamic int8 activations)
+LINEAR_SCHEMES: dict[str, tuple[int, bool]] = {
+    "8da4w": (4, True),
+    "8da8w": (8, True),
+    "4w": (4, False),
+    "8w": (8, False),
+}
+#: scheme -> weight bits
+EMBEDDING_SCHEMES: dict[str, int] = {"4w": 4, "8w": 8}
+
+_PER_CHANNEL = 0  # group size ExecuTorch's helpers use for "one group per output channel"
+
+
+def _qd():
+    import torch.ao.quantization.fx._decomposed  # noqa: F401  (registers quantized_decomposed ops)
+
+    return torch.ops.quantized_decomposed
+
+
+def _torchao_quantize(weight: torch.Tensor, config) -> tuple[torch.Tensor, torch.Tensor]:
+    """Quantize a ``[N, K]`` float weight with a torchao config; return int8 ``qdata`` and ``scale``.
+
+    ExecuTorch's configs are symmetric: zero points are all zero and not kept.
+    """
+    from torchao.quantization import quantize_
+
+    holder = nn.Sequential(nn.Linear(weight.shape[1], weight.shape[0], bias=False))
+    holder[0].weight = nn.Parameter(weight.detach().float(), requires_grad=False)
+    quantize_(holder, config)
+    q = holder[0].weight
+    if q.zero_point is not None and bool((q.zero_point != 0).any()):
+        raise ValueError("expected symmetric quantization (zero points 0) from ExecuTorch's config.")
+    return q.qdata.contiguous(), q.scale.float().contiguous()
+
+
+class QuantizedLinear(nn.Module):
+    """A linear layer with int4/int8 weights, optionally with dynamic int8 activations.
+
+    Args:
+        qdata: ``[out, in]`` int8 values (in ``[-8, 7]`` for 4-bit).
+        scale: ``[out, in // group_size]`` float32 (``[out, 1]`` for per-channel).
+        bits: 4 or 8.
+        group_size: elements per scale along the input dim (``in`` for per-channel).
+        dynamic_activations: quantize activations per token to int8 on the fly.
+        bias: optional float bias.
+    """
+
+    def __init__(self, qdata, scale, bits: int, group_size: int, dynamic_activations: bool, bias=None):
+        super().__init__()
+        self.register_buffer("qdata", qdata)
+        self.register_buffer("scale", scale)
+        # Symmetric: all zero. XNNPACK's lowering wants the zero points as a tensor all the same.
+        self.register_buffer("zero_point", torch.zeros_like(scale))
+        self.bits, self.group_size, self.dynamic_activations = bits, group_size, dynamic_activations
+        self.in_features, self.out_features = qdata.shape[1], qdata.shape[0]
+        self.bias = None if bias is None else nn.Parameter(bias.detach(), requires_grad=False)
+
+    def extra_repr(self) -> str:
+        kind = "8da" if self.dynamic_activations else ""
+        return f"{self.in_features}, {self.out_features}, {kind}{self.bits}w, group_size={self.group_size}"
+
+    def dequantized_weight(self, dtype: torch.dtype) -> torch.Tensor:
+        """The float weight these int values stand for."""
+        qd = _qd()
+        qmin, qmax = -(1 << (self.bits - 1)), (1 << (self.bits - 1)) - 1
+        if self.group_size >= self.in_features:
+            return qd.dequantize_per_channel(
+                self.qdata, self.scale.reshape(-1), self.zero_point.reshape(-1), 0, qmin, qmax, torch.int8,
+                out_dtype=dtype,
+            )
+        return qd.dequantize_per_channel_group(
+            self.qdata, self.scale, self.zero_point, qmin, qmax, torch.int8, self.group_size, dtype
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``x @ W.T + b`` with ``W`` dequantized (and ``x`` fake-quantized per token if dynamic)."""
+        if self.dynamic_activations:
+            qd = _qd()
+            scale, zero = qd.choose_qparams_per_token_asymmetric(x, torch.int8)
+            xq = qd.quantize_per_token(x, scale, zero, -128, 127, torch.int8)
+            x = qd.dequantize_per_token(xq, scale, zero, -128, 127, torch.int8, x.dtype)
+        bias = None if self.bias is None else self.bias.to(x.dtype)
+        return F.linear(x, self.dequantized_weight(x.dtype), bias)
+
+
+class QuantizedEmbedding(nn.Module):
+    """An embedding table with int4/int8 rows looked up by ExecuTorch's quantized embedding ops.
+
+    Args:
+        qdata: ``[vocab, dim]`` int8 values.
+        scale: ``[vocab, dim // group_size]`` float32.
+        bits: 4 or 8.
+        dtype: output dtype.
+    """
+
+    def __init__(self, qdata, scale, bits: int, dtype: torch.dtype):
+        super().__init__()
+        self.bits, self.out_dtype = bits, dtype
+        self.num_embeddings, self.embedding_dim = qdata.shape
+        if bits == 4:
+            from executorch.exir.passes import _quant_patterns_and_replacements  # noqa: F401
+
+            # Two values per byte, in the layout ExecuTorch's embedding_4bit kernel reads.
+            qdata = torch.ops.quant_fusion._pack_embedding_weight(qdata, 4)
+        self.register_buffer("qdata", qdata)
+        self.register_buffer("scale", scale)
+
+    def extra_repr(self) -> str:
+        return f"{self.num_embeddings}, {self.embedding_dim}, {self.bits}w"
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        """Dequantized rows for ``ids``."""
+        from executorch.exir.passes import _quant_patterns_and_replacements  # noqa: F401
+
+        qd = torch.ops.quantized_decomposed
+        scale = self.scale.to(self.out_dtype)
+        if self.bits == 8:
+            return qd.embedding_byte.dtype(self.qdata, scale, None, -128, 127, ids, dtype=self.out_dtype)
+        return qd.embedding_4bit.dtype(self.qdata, scale, None, -8, 7, ids, dtype=self.out_dtype)
+
+
+def _group_size_for(name: str, in_dim: int, requested: int | None, scheme: str, fallbacks: list[str]) -> int:
+    if requested is None:
+        return _PER_CHANNEL
+    if in_dim % requested:
+        fallbacks.append(name)
+        return _PER_CHANNEL
+    return requested
+
+
+def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
+
+
+def quantize_model(model: nn.Module, config: ExportConfig) -> dict[str, dict[str, int]]:
+    """Replace ``model``'s linear and embedding layers by quantized ones, as ``config`` asks.
+
+    Args:
+        model: the module to quantize in place, already in its final dtype.
+        config: ``qlinear``/``qembedding`` of ``None`` leave those layers in float.
+
+    Returns:
+        ``{"linear": {...}, "embedding": {...}}``: layers quantized with the requested group size
+        and layers that fell back to per-channel.
+    """
+    from executorch.extension.llm.export.quantize import _make_embedding_config, _make_linear_config
+
+    report: dict[str, dict[str, int]] = {}
+    dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
+    for kind, layer_type, scheme, requested in (
+        ("embedding", nn.Embedding, config.qembedding, config.qembedding_group_size),
+        ("linear", nn.Linear, config.qlinear, config.qlinear_group_size),
+    ):
+        if not scheme:
+            continue
+        targets = [(n, m) for n, m in model.named_modules() if type(m) is layer_type]
+        fallbacks: list[str] = []
+        for name, module in targets:
+            weight = module.weight
+            group = _group_size_for(name, weight.shape[1], requested, scheme, fallbacks)
+            if kind == "linear":
+                bits, dynamic = LINEAR_SCHEMES[scheme]
+                qdata, scale = _torchao_quantize(weight, _make_linear_config(scheme, group))
+                new = QuantizedLinear(qdata, scale, bits, group or weight.shape[1], dynamic, module.bias)
+            else:
+                bits = EMBEDDING_SCHEMES[scheme]
+                qdata, scale = _torchao_quantize(weight, _make_embedding_config(scheme, group))
+                new = QuantizedEmbedding(qdata, scale, bits, dtype)
+            _replace(model, name, new)
+        if fallbacks:
+            logger.info(
+                "%s %s: %d layer(s) have an input size not divisible by group size %s; quantized per "
+                "output channel instead: %s",
+                kind,
+                scheme,
+                len(fallbacks),
+                requested,
+                ", ".join(fallbacks[:8]) + (" ..." if len(fallbacks) > 8 else ""),
+            )
+        report[kind] = {"grouped": len(targets) - len(fallbacks), "per_channel_fallback": len(fallbacks)}
+    if report:
+        logger.info("Quantized: %s", report)
+    return report

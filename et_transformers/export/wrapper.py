@@ -1,0 +1,121 @@
+"""The exportable module: ``forward(input_ids[1, S], cache_position[S]) -> logits[1, vocab]``.
+
+:class:`ExportableCausalLM` wraps a transformers causal LM whose attention is the custom SDPA
+(:mod:`.attention`), owns one key and one value buffer per attention layer (registered as module
+buffers so ``torch.export`` makes them the program's mutable state), and returns the logits of
+the last position only: prefill never materialises ``[S, vocab]`` logits nobody reads.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+from torch import nn
+from transformers.cache_utils import Cache
+
+from . import rope
+from .attention import StaticKVCache, register_attention
+
+logger = logging.getLogger(__name__)
+
+
+class _ShapeProbe(Cache):
+    """Records the key/value shapes each layer writes, without caching anything."""
+
+    def __init__(self):
+        super().__init__(layers=[])
+        self.shapes: dict[int, tuple[torch.Size, torch.Size, torch.dtype]] = {}
+
+    def update(self, key_states, value_states, layer_idx, *args, **kwargs):
+        self.shapes[layer_idx] = (key_states.shape, value_states.shape, key_states.dtype)
+        return key_states, value_states
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return 0
+
+
+def probe_model(model: nn.Module) -> tuple[dict[int, tuple[torch.Size, torch.Size, torch.dtype]], set[int]]:
+    """Run one token through ``model``; return its KV layout and the widths it rotates.
+
+    Returns:
+        ``({layer_idx: (k_shape, v_shape, dtype)}, rotary_widths)``: shapes are
+        ``[B, kv_heads, 1, head_dim]`` as transformers passes them to the cache, and
+        ``rotary_widths`` the last-dim sizes ``rotate_half`` saw. Probing, rather than reading
+        config fields, works for every family's naming, head layout and partial rotary.
+    """
+    probe = _ShapeProbe()
+    widths: set[int] = set()
+    ids = torch.zeros(1, 1, dtype=torch.long)
+    with torch.no_grad(), rope.swap_rotate_half(model, _recorder(model, widths)):
+        model(input_ids=ids, position_ids=torch.zeros(1, 1, dtype=torch.long), past_key_values=probe, use_cache=True)
+    if not probe.shapes:
+        raise ValueError("the model wrote nothing to its KV cache; it is not a decoder with attention cache.")
+    return probe.shapes, widths
+
+
+def _recorder(model: nn.Module, widths: set[int]):
+    if getattr(rope.modeling_module(model), "rotate_half", None) is None:
+        return None
+    return rope.recording_rotate_half(model, widths)
+
+
+class ExportableCausalLM(nn.Module):
+    """A causal LM with a static in-place KV cache and last-position logits.
+
+    Args:
+        model: a transformers ``*ForCausalLM`` in eval mode, already in its final dtype.
+        max_seq_len: positions in the KV cache (the whole context).
+
+    ``forward(input_ids, cache_position)`` takes ``input_ids`` ``[1, S]`` (int64) and
+    ``cache_position`` ``[S]`` (int64, consecutive, starting at the number of tokens already in the
+    cache) and returns float32 logits ``[1, vocab]`` for the last position.
+    """
+
+    def __init__(self, model: nn.Module, max_seq_len: int):
+        super().__init__()
+        self.model = model
+        self.max_seq_len = max_seq_len
+        layout, rotary_widths = probe_model(model)
+        self.layer_ids = sorted(layout)
+        for idx in self.layer_ids:
+            k_shape, v_shape, dtype = layout[idx]
+            # [B, H, 1, D] -> cache [1, max_seq_len, H, D]
+            self.register_buffer(f"k_cache_{idx}", torch.zeros(1, max_seq_len, k_shape[1], k_shape[3], dtype=dtype))
+            self.register_buffer(f"v_cache_{idx}", torch.zeros(1, max_seq_len, v_shape[1], v_shape[3], dtype=dtype))
+        for width in sorted(rotary_widths):
+            self.register_buffer(rope.buffer_name(width), rope.rotation_matrix(width), persistent=False)
+        model.config._attn_implementation = register_attention()
+        logger.debug("KV cache: %d layers, %s", len(self.layer_ids), {i: tuple(layout[i][0]) for i in self.layer_ids})
+
+    def for_export(self):
+        """Context manager: inside it, RoPE's ``rotate_half`` runs as a delegable matmul."""
+        return rope.swap_rotate_half(self.model, rope.matmul_rotate_half(self))
+
+    def kv_cache_bytes(self) -> int:
+        """Bytes of all key/value buffers."""
+        return sum(b.numel() * b.element_size() for n, b in self.named_buffers() if "_cache_" in n)
+
+    def _cache(self) -> StaticKVCache:
+        n = max(self.layer_ids) + 1
+        keys = [getattr(self, f"k_cache_{i}", None) for i in range(n)]
+        values = [getattr(self, f"v_cache_{i}", None) for i in range(n)]
+        return StaticKVCache(keys, values)
+
+    def forward(self, input_ids: torch.Tensor, cache_position: torch.Tensor) -> torch.Tensor:
+        """Run ``input_ids`` at ``cache_position``; return last-position logits ``[1, vocab]``."""
+        # input_ids: [1, S]; cache_position: [S]
+        start = cache_position[0].item()
+        torch._check(start >= 0)
+        torch._check(start + input_ids.shape[1] <= self.max_seq_len)
+        cache = self._cache()
+        cache.start_pos = start
+        out = self.model(
+            input_ids=input_ids,
+            position_ids=cache_position.unsqueeze(0),
+            past_key_values=cache,
+            use_cache=True,
+            logits_to_keep=1,
+            et_cache=cache,
+        )
+        return out.logits[:, -1, :].float()  # [1, V]

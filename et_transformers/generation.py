@@ -1,0 +1,186 @@
+"""The generation loop over an ExecuTorch program: prefill, decode, sample, stop, stream, measure.
+
+:mod:`.planning` decides what a ``generate()`` call produces (transformers' semantics); this
+module feeds the program: one prompt at a time through its single KV cache, the last position's
+logits only, transformers' processors and stopping criteria applied to them, and honest timing in
+:class:`GenerationStats`.
+
+Batches: rows run one after another, each seeing exactly the ids transformers would give it (its
+left padding included), and the result is assembled as transformers returns it: prompt + new
+tokens, padded with ``pad_token_id`` after a row stops. Processors and stopping criteria therefore
+see ``[1, ...]`` tensors.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import warnings
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+
+from .planning import GenerationPlan, plan
+from .runtime import Program
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class GenerationStats:
+    """What the last load or ``generate()`` call measured (times in seconds).
+
+    Attributes:
+        load_time: wall time of loading the program, including the warm-up run.
+        export_time: wall time of the export, when this load had to export.
+        prompt_tokens: prompt tokens processed (padding excluded), all rows.
+        generated_tokens: new tokens produced, all rows.
+        time_to_first_token: from the start of ``generate()`` to the first new token of row 0.
+        prefill_time: time spent in prefill forwards.
+        decode_time: time spent producing tokens after each row's first.
+        prefill_tokens_per_s: ``prompt_tokens / prefill_time``.
+        decode_tokens_per_s: tokens after each row's first, per second of decode.
+        total_time: wall time of the call.
+        peak_rss_bytes: peak resident memory of the process so far.
+        extra: anything else a caller measured (e.g. per-phase profile times).
+    """
+
+    load_time: float = 0.0
+    export_time: float | None = None
+    prompt_tokens: int = 0
+    generated_tokens: int = 0
+    time_to_first_token: float | None = None
+    prefill_time: float = 0.0
+    decode_time: float = 0.0
+    prefill_tokens_per_s: float | None = None
+    decode_tokens_per_s: float | None = None
+    total_time: float = 0.0
+    peak_rss_bytes: int = 0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def as_dict(self) -> dict[str, Any]:
+        """The stats as a plain dict."""
+        return asdict(self)
+
+    def summary(self) -> str:
+        """One human-readable line."""
+        parts = [f"prompt {self.prompt_tokens} tok", f"generated {self.generated_tokens} tok"]
+        if self.time_to_first_token is not None:
+            parts.append(f"TTFT {self.time_to_first_token * 1000:.0f} ms")
+        if self.prefill_tokens_per_s:
+            parts.append(f"prefill {self.prefill_tokens_per_s:.1f} tok/s")
+        if self.decode_tokens_per_s:
+            parts.append(f"decode {self.decode_tokens_per_s:.1f} tok/s")
+        parts.append(f"peak RSS {self.peak_rss_bytes / 2**20:.0f} MiB")
+        return ", ".join(parts)
+
+
+def peak_rss_bytes() -> int:
+    """Peak resident set size of this process, in bytes."""
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+class Generator:
+    """Runs ``generate()`` for one program.
+
+    Args:
+        program: the loaded :class:`~et_transformers.runtime.Program`.
+        max_position_embeddings: from the model config, if known (caps a default ``max_length``).
+        tokenizer: the model's tokenizer (used for ``stop_strings`` when none is passed).
+    """
+
+    def __init__(self, program: Program, max_position_embeddings: int | None = None, tokenizer=None):
+        self.program = program
+        self.max_position_embeddings = max_position_embeddings
+        self.tokenizer = tokenizer
+
+    def prepare(self, default_generation_config, input_ids, **kwargs: Any) -> GenerationPlan:
+        """Validate a call and build its processors/criteria without running the program."""
+        if kwargs.get("tokenizer") is None:
+            kwargs["tokenizer"] = self.tokenizer
+        meta = self.program.metadata
+        return plan(
+            default_generation_config=default_generation_config,
+            max_position_embeddings=self.max_position_embeddings,
+            context=meta.max_context_len,
+            vocab_size=meta.vocab_size,
+            input_ids=input_ids,
+            **kwargs,
+        )
+
+    def generate(
+        self, default_generation_config, input_ids, streamer=None, **kwargs: Any
+    ) -> tuple[torch.LongTensor, GenerationStats]:
+        """Generate continuations of ``input_ids``; see ``ETModelForCausalLM.generate``."""
+        t_start = time.perf_counter()
+        plan_ = self.prepare(default_generation_config, input_ids, **kwargs)
+        batch = plan_.input_ids.shape[0]
+        if streamer is not None and batch > 1:
+            raise ValueError(f"streaming supports one prompt at a time; got a batch of {batch}.")
+        stats = GenerationStats()
+        if streamer is not None:
+            streamer.put(plan_.input_ids.cpu())
+        rows = [self._generate_row(plan_, b, streamer, stats, t_start) for b in range(batch)]
+        if streamer is not None:
+            streamer.end()
+
+        out = torch.full((batch, max(r.shape[-1] for r in rows)), plan_.pad_token_id, dtype=torch.long)
+        for b, row in enumerate(rows):
+            out[b, : row.shape[-1]] = row[0]
+        stats.total_time = time.perf_counter() - t_start
+        stats.prefill_tokens_per_s = stats.prompt_tokens / stats.prefill_time if stats.prefill_time else None
+        decoded = stats.generated_tokens - batch
+        stats.decode_tokens_per_s = decoded / stats.decode_time if stats.decode_time and decoded > 0 else None
+        stats.peak_rss_bytes = peak_rss_bytes()
+        return out, stats
+
+    def _generate_row(self, plan_: GenerationPlan, b: int, streamer, stats, t_start) -> torch.Tensor:
+        gc, criteria = plan_.generation_config, plan_.stopping_criteria
+        processors = plan_.logits_processors[b]
+        ids = plan_.input_ids[b : b + 1]  # [1, L], left padding included (what transformers' row holds)
+        tokens = ids[0][plan_.attention_mask[b].bool()].unsqueeze(0)  # [1, n]
+        t0 = time.perf_counter()
+        logits = self.prefill(tokens)  # [1, V]
+        stats.prefill_time += time.perf_counter() - t0
+        stats.prompt_tokens += tokens.shape[-1]
+        pos = tokens.shape[-1]
+        context = self.program.metadata.max_context_len
+        t_first = None
+        while True:
+            scores = processors(ids, logits)
+            if gc.do_sample:
+                next_token = torch.multinomial(torch.softmax(scores, dim=-1), num_samples=1)[:, 0]
+            else:
+                next_token = torch.argmax(scores, dim=-1)
+            ids = torch.cat([ids, next_token[:, None]], dim=-1)
+            stats.generated_tokens += 1
+            if t_first is None:
+                t_first = time.perf_counter()
+                if stats.time_to_first_token is None:
+                    stats.time_to_first_token = t_first - t_start
+            if streamer is not None:
+                streamer.put(next_token.cpu())
+            if bool(criteria(ids, scores).all()):
+                break
+            if pos >= context:
+                warnings.warn(
+                    f"generation stopped at the end of the program's context ({context} tokens).",
+                    UserWarning,
+                    stacklevel=4,
+                )
+                break
+            logits = self.program.forward(next_token[:, None], pos)
+            pos += 1
+        stats.decode_time += time.perf_counter() - t_first
+        return ids
+
+    def prefill(self, tokens: torch.Tensor, start_pos: int = 0) -> torch.Tensor:
+        """Run ``tokens`` (``[1, n]``) through the program from ``start_pos``; return last logits."""
+        step = self.program.metadata.max_seq_len
+        logits = None
+        for s in range(0, tokens.shape[-1], step):
+            logits = self.program.forward(tokens[:, s : s + step], start_pos + s)
+        return logits

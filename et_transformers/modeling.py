@@ -1,0 +1,384 @@
+"""``ETModelForCausalLM``: the facade users meet. It orchestrates; the stages do the work.
+
+``from_pretrained`` reads like the recipe it is: resolve the files (:mod:`.hub`), compute what we
+would build (:mod:`.cache` key), load it from the cache or export it (:mod:`.export`, imported only
+then), load the program (:mod:`.runtime`) and warm it up. ``generate`` hands over to
+:mod:`.generation`. Loading a cached model never imports the export stack.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from . import hub
+from .cache import ArtifactCache
+from .config import ExportConfig
+from .errors import InvalidConfigError, ModelNotFoundError, ProgramError
+from .generation import GenerationStats, Generator, peak_rss_bytes
+from .manifest import PTE_NAME, Manifest
+from .runtime import Program
+
+logger = logging.getLogger(__name__)
+
+
+#: Tokenizer classes that are exactly the generic ``tokenizers``-backed fast tokenizer.
+_GENERIC_TOKENIZER_CLASSES = ("TokenizersBackend", "PreTrainedTokenizerFast")
+
+
+def load_tokenizer(folder: Path):
+    """The tokenizer saved in ``folder``, or ``None``.
+
+    A generic fast tokenizer is loaded with its own class: ``AutoTokenizer`` would first import
+    every model family's tokenizer mapping (about two seconds), which is most of a cached load.
+    """
+    import json
+
+    if not any((folder / n).is_file() for n in ("tokenizer.json", "tokenizer_config.json")):
+        return None
+    try:
+        tokenizer_class = json.loads((folder / "tokenizer_config.json").read_text()).get("tokenizer_class")
+    except (OSError, ValueError):
+        tokenizer_class = None
+    if tokenizer_class in _GENERIC_TOKENIZER_CLASSES and (folder / "tokenizer.json").is_file():
+        from transformers import PreTrainedTokenizerFast
+
+        return PreTrainedTokenizerFast.from_pretrained(folder)
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(folder)
+
+
+def _read_config_dict(folder: Path) -> dict:
+    import json
+
+    try:
+        return json.loads((folder / "config.json").read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def _load_generation_config(folder: Path, config=None):
+    """``generation_config.json`` beside the ``.pte``, else one derived from the model config."""
+    from transformers import GenerationConfig, PretrainedConfig
+
+    if (folder / "generation_config.json").is_file():
+        return GenerationConfig.from_pretrained(folder)
+    if config is None and (folder / "config.json").is_file():
+        config = PretrainedConfig.from_dict(_read_config_dict(folder))
+    return GenerationConfig.from_model_config(config) if config is not None else GenerationConfig()
+
+
+class ETModelForCausalLM:
+    """A causal language model running on ExecuTorch, with the transformers API.
+
+    Build one with :meth:`from_pretrained` (Hub id, local folder, GGUF file, or a folder/repo of
+    an exported model) or :meth:`from_pte`.
+
+    Attributes:
+        config: the transformers config of the source model (``None`` for a bare ``.pte``).
+        generation_config: default ``GenerationConfig`` for :meth:`generate`.
+        tokenizer: the model's tokenizer (``None`` if unknown).
+        export_config: the :class:`ExportConfig` the program was built with (``None`` if unknown).
+        pte_path: path of the loaded ``.pte``.
+        manifest: the program's :class:`~et_transformers.manifest.Manifest`, when it has one.
+        stats: :class:`~et_transformers.generation.GenerationStats` of the last load/generate.
+        program: the loaded :class:`~et_transformers.runtime.Program`.
+    """
+
+    def __init__(
+        self,
+        program: Program,
+        *,
+        config=None,
+        generation_config=None,
+        tokenizer=None,
+        export_config: ExportConfig | None = None,
+        manifest: Manifest | None = None,
+        stats: GenerationStats | None = None,
+    ):
+        from transformers import GenerationConfig
+
+        self.program = program
+        self._config = config
+        self.generation_config = generation_config or GenerationConfig()
+        self.tokenizer = tokenizer
+        self.export_config = export_config
+        self.manifest = manifest
+        self.stats = stats or GenerationStats()
+        raw = config.to_dict() if config is not None else _read_config_dict(program.path.parent)
+        self._generator = Generator(program, raw.get("max_position_embeddings"), tokenizer)
+
+    @property
+    def config(self):
+        """The transformers config of the source model, loaded on first access (``None`` if unknown).
+
+        Loading it imports the model family's modeling code, which costs seconds; ``generate`` does
+        not need it.
+        """
+        if self._config is None and (self.program.path.parent / "config.json").is_file():
+            from transformers import AutoConfig
+
+            self._config = AutoConfig.from_pretrained(self.program.path.parent)
+        return self._config
+
+    @config.setter
+    def config(self, value) -> None:
+        self._config = value
+
+    # -- loading -------------------------------------------------------------------------
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        model_id_or_path: str | os.PathLike,
+        *,
+        export_config: ExportConfig | None = None,
+        revision: str | None = None,
+        token: str | bool | None = None,
+        cache_dir: str | os.PathLike | None = None,
+        local_files_only: bool = False,
+        force_download: bool = False,
+        force_export: bool = False,
+        gguf_file: str | None = None,
+        subfolder: str | None = None,
+        trust_remote_code: bool = False,
+        warmup: bool = True,
+        **export_overrides: Any,
+    ) -> "ETModelForCausalLM":
+        """Load a model, exporting it to ExecuTorch the first time and from the cache afterwards.
+
+        Args:
+            model_id_or_path: Hub id (``"org/name"``), local model folder, ``.gguf`` file, or a
+                folder/repo written by :meth:`save_pretrained` (loaded without export).
+            export_config: what program to build; ``ExportConfig()`` by default.
+            revision: Hub branch, tag or commit.
+            token: Hub token (never logged).
+            cache_dir: root for downloads and exported artifacts (default: see
+                :func:`et_transformers.cache.default_cache_dir`).
+            local_files_only: use only local files and the cache (also ``HF_HUB_OFFLINE=1``).
+            force_download: download the source files again.
+            force_export: export again even if the cache holds the program.
+            gguf_file: GGUF file inside the folder or repository.
+            subfolder: folder inside the repository or local folder that holds the model.
+            trust_remote_code: allow models whose config declares custom code.
+            warmup: run one token through the program while loading, so XNNPACK packs its weights
+                now (counted in ``stats.load_time``) rather than during the first ``generate``.
+            **export_overrides: :class:`ExportConfig` fields overriding ``export_config``
+                (e.g. ``max_seq_len=2048``); any other keyword raises.
+
+        Raises:
+            InvalidConfigError: an unknown keyword or invalid export option.
+            UnsupportedModelError, ModelNotFoundError, HubError, ExportError, CacheError.
+        """
+        t0 = time.perf_counter()
+        export_config = (export_config or ExportConfig()).replace(**export_overrides)
+        explicit_export = bool(export_overrides) or export_config != ExportConfig()
+        source = hub.resolve(
+            model_id_or_path,
+            revision=revision,
+            token=token,
+            cache_dir=cache_dir,
+            local_files_only=local_files_only,
+            force_download=force_download,
+            gguf_file=gguf_file,
+            subfolder=subfolder,
+        )
+        if source.is_program:
+            if explicit_export:
+                raise InvalidConfigError(
+                    f"{source.name} holds an already exported program; export options "
+                    f"({export_overrides or export_config}) cannot apply to it. Load it without them, "
+                    f"or export the original checkpoint."
+                )
+            manifest = Manifest.read(source.path)
+            manifest.verify_pte(source.path / PTE_NAME)
+            return cls._load(source.path / PTE_NAME, t0=t0, warmup=warmup, manifest=manifest)
+
+        cache = ArtifactCache(Path(cache_dir) / "et_transformers" if cache_dir else None)
+        key = cache.key_for(source, export_config)
+        export_time: list[float] = []
+
+        def build(folder: Path) -> None:
+            from .export import Exporter
+
+            t_export = time.perf_counter()
+            Exporter(source, export_config, trust_remote_code=trust_remote_code).run(folder)
+            export_time.append(time.perf_counter() - t_export)
+
+        entry, built = cache.get_or_build(key, build, rebuild=force_export)
+        if built:
+            logger.info("Exported %s in %.1f s to %s", source.name, export_time[0], entry.path)
+        model = cls._load(entry.pte_path, t0=t0, warmup=warmup, manifest=entry.manifest)  # verified by get
+        model.stats.export_time = export_time[0] if export_time else None
+        return model
+
+    @classmethod
+    def _load(
+        cls,
+        pte: Path,
+        *,
+        t0: float,
+        warmup: bool,
+        manifest: Manifest | None = None,
+        tokenizer=None,
+        config=None,
+        generation_config=None,
+    ) -> "ETModelForCausalLM":
+        """Load a (verified) ``.pte`` plus the files beside it; warm it up; time the load."""
+        program = Program(pte)
+        if generation_config is None:
+            generation_config = _load_generation_config(pte.parent, config)
+        if tokenizer is None:
+            tokenizer = load_tokenizer(pte.parent)
+        if generation_config.eos_token_id is None and program.metadata.eos_ids:
+            generation_config.eos_token_id = list(program.metadata.eos_ids)
+        model = cls(
+            program,
+            config=config,
+            generation_config=generation_config,
+            tokenizer=tokenizer,
+            export_config=ExportConfig.from_dict(manifest.export_config) if manifest else None,
+            manifest=manifest,
+        )
+        if warmup:
+            model.warmup()
+        model.stats.load_time = time.perf_counter() - t0
+        model.stats.peak_rss_bytes = peak_rss_bytes()
+        return model
+
+    @classmethod
+    def from_pte(
+        cls,
+        path: str | os.PathLike,
+        tokenizer=None,
+        *,
+        config=None,
+        generation_config=None,
+        warmup: bool = True,
+    ) -> "ETModelForCausalLM":
+        """Load a ``.pte`` file directly.
+
+        Tokenizer, config and generation config are taken from the arguments, else from files
+        beside the ``.pte`` (as :meth:`save_pretrained` writes them). A manifest beside it is
+        verified (sha256) when present.
+
+        Args:
+            path: the ``.pte`` file.
+            tokenizer: a tokenizer object, or a path/Hub-cache-free folder to load one from.
+            config: the transformers config, if known.
+            generation_config: default generation settings, if known.
+            warmup: see :meth:`from_pretrained`.
+
+        Raises:
+            ProgramError: not a loadable LLM program, or it does not match its manifest.
+        """
+        t0 = time.perf_counter()
+        path = Path(path)
+        if path.suffix != ".pte":
+            raise ProgramError(f"{path} is not a .pte file.")
+        if not path.is_file():
+            raise ModelNotFoundError(f"{path} does not exist.")
+        manifest = None
+        if (path.parent / "manifest.json").is_file() and path.name == PTE_NAME:
+            manifest = Manifest.read(path.parent)
+            manifest.verify_pte(path)
+        if isinstance(tokenizer, (str, os.PathLike)):
+            from transformers import AutoTokenizer
+
+            tokenizer = AutoTokenizer.from_pretrained(tokenizer)
+        return cls._load(
+            path,
+            t0=t0,
+            warmup=warmup,
+            manifest=manifest,
+            tokenizer=tokenizer,
+            config=config,
+            generation_config=generation_config,
+        )
+
+    def warmup(self) -> None:
+        """Run one token through the program so XNNPACK packs its weights now.
+
+        The token lands in cache position 0, which the next generation overwrites: positions are
+        only ever read after being written in the same sequence.
+        """
+        self.program.forward(torch.zeros(1, 1, dtype=torch.long), 0)
+
+    # -- properties ----------------------------------------------------------------------
+
+    @property
+    def pte_path(self) -> Path:
+        """Path of the loaded ``.pte``."""
+        return self.program.path
+
+    @property
+    def device(self) -> torch.device:
+        """Always CPU: inputs and outputs are CPU tensors."""
+        return torch.device("cpu")
+
+    def __repr__(self) -> str:
+        meta = self.program.metadata
+        return (
+            f"{type(self).__name__}(pte={str(self.pte_path)!r}, context={meta.max_context_len}, "
+            f"vocab={meta.vocab_size}, export_config={self.export_config})"
+        )
+
+    # -- generation ----------------------------------------------------------------------
+
+    def generate(
+        self,
+        input_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        generation_config=None,
+        streamer=None,
+        logits_processor=None,
+        stopping_criteria=None,
+        **kwargs: Any,
+    ) -> torch.LongTensor:
+        """Generate continuations, as ``transformers``' ``generate()`` does.
+
+        Args:
+            input_ids: LongTensor ``[batch, seq]``; batches must be left-padded.
+            attention_mask: ``[batch, seq]`` (inferred from ``pad_token_id`` when omitted).
+            generation_config: a ``GenerationConfig``; the model's own is the default, as in
+                transformers; ``kwargs`` override its fields.
+            streamer: a ``TextStreamer`` / ``TextIteratorStreamer`` (batch of one).
+            logits_processor: extra transformers ``LogitsProcessor``s.
+            stopping_criteria: extra transformers ``StoppingCriteria``.
+            **kwargs: ``GenerationConfig`` fields (``max_new_tokens``, ``do_sample``,
+                ``temperature``, ``top_k``, ``top_p``, ``min_p``, ``repetition_penalty``,
+                ``eos_token_id``, ``stop_strings``, ``max_time``...) and ``tokenizer`` (for
+                ``stop_strings``). Unknown or unsupported keywords raise ``ValueError``.
+
+        Returns:
+            LongTensor ``[batch, seq + new]``: prompts followed by new tokens, padded with
+            ``pad_token_id`` after a row stopped.
+
+        Raises:
+            ValueError: bad input (empty prompt, ids outside the vocabulary, prompt or requested
+                length beyond the context, out-of-range sampling values, unknown keywords),
+                raised before the program runs.
+        """
+        load, export = self.stats.load_time, self.stats.export_time
+        tokenizer = kwargs.pop("tokenizer", None)
+        out, stats = self._generator.generate(
+            self.generation_config,
+            input_ids,
+            attention_mask=attention_mask,
+            generation_config=generation_config,
+            streamer=streamer,
+            logits_processor=logits_processor,
+            stopping_criteria=stopping_criteria,
+            tokenizer=tokenizer,
+            **kwargs,
+        )
+        stats.load_time, stats.export_time = load, export
+        self.stats = stats
+        return out
+

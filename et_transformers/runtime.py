@@ -1,0 +1,178 @@
+"""The only user of the ExecuTorch runtime: load a ``.pte``, read its metadata, run its methods.
+
+:class:`Program` wraps ExecuTorch's Python bindings. It registers the runtime kernels our programs
+use (``llama.custom_sdpa``/``update_cache`` and the quantized ops) by loading their shared
+libraries directly, which takes milliseconds and, unlike importing ExecuTorch's Python packages,
+pulls in neither ``executorch.exir`` nor transformers: a cached model loads without the export
+stack. Inputs are checked here before they reach C++, so a bad call raises a ``ValueError`` that
+names the limit, never an ExecuTorch error code.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .errors import ProgramError
+
+logger = logging.getLogger(__name__)
+
+_KERNEL_LIBRARIES = (
+    ("executorch.extension.llm.custom_ops", "libcustom_ops_aot_lib"),
+    ("executorch.kernels.quantized", "libquantized_ops_aot_lib"),
+)
+_kernels_loaded = False
+
+
+def load_kernel_libraries() -> None:
+    """Register the custom-SDPA/KV-cache and quantized kernels with the runtime (idempotent)."""
+    global _kernels_loaded
+    if _kernels_loaded:
+        return
+    for package, stem in _KERNEL_LIBRARIES:
+        spec = importlib.util.find_spec(package)
+        folders = list(spec.submodule_search_locations or []) if spec else []
+        libs = [p for folder in folders for p in Path(folder).glob(f"{stem}.*") if p.suffix in (".so", ".dylib", ".dll")]
+        if not libs:
+            raise ProgramError(f"ExecuTorch kernel library {stem} not found in {package}; reinstall executorch.")
+        torch.ops.load_library(str(libs[0]))
+    _kernels_loaded = True
+
+
+def _bindings():
+    from executorch.extension.pybindings import _C
+
+    return _C
+
+
+@dataclass(frozen=True)
+class ProgramMetadata:
+    """The constant methods an LLM program carries (the ones ExecuTorch's runner reads).
+
+    Attributes:
+        max_seq_len: most tokens one ``forward`` call may take.
+        max_context_len: positions in the KV cache (prompt + generated tokens).
+        vocab_size: size of the logits.
+        bos_id: beginning-of-sequence token id (-1 when the model has none).
+        eos_ids: end-of-sequence token ids.
+        n_layers: decoder layers.
+        use_kv_cache: whether ``forward`` takes cache positions.
+        enable_dynamic_shape: whether ``forward`` accepts any prompt length up to ``max_seq_len``.
+    """
+
+    max_seq_len: int
+    max_context_len: int
+    vocab_size: int
+    bos_id: int
+    eos_ids: tuple[int, ...]
+    n_layers: int
+    use_kv_cache: bool
+    enable_dynamic_shape: bool
+
+
+class Program:
+    """A loaded ExecuTorch LLM program.
+
+    Args:
+        path: the ``.pte`` file.
+        enable_etdump: record an ETDump (profiling events) of every execution; see
+            :meth:`write_etdump`.
+
+    Raises:
+        ProgramError: the file is missing, is not an ExecuTorch program, or lacks the LLM methods.
+    """
+
+    def __init__(self, path: str | os.PathLike, *, enable_etdump: bool = False):
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise ProgramError(f"{self.path} does not exist.")
+        with open(self.path, "rb") as f:
+            header = f.read(8)
+        if header[4:6] != b"ET":
+            raise ProgramError(f"{self.path} is not an ExecuTorch program (no 'ET' file identifier).")
+        load_kernel_libraries()
+        _C = _bindings()
+        try:
+            self._module = _C._load_for_executorch(str(self.path), enable_etdump=enable_etdump)
+            self.method_names = tuple(sorted(self._module.method_names()))
+        except RuntimeError as e:
+            raise ProgramError(f"{self.path} is not a loadable ExecuTorch program ({e}).") from e
+        if "forward" not in self.method_names:
+            raise ProgramError(f"{self.path} has no 'forward' method (methods: {list(self.method_names)}).")
+        self.metadata = self._read_metadata()
+
+    def _constant(self, name: str):
+        outputs = self._module.run_method(name, ())
+        return outputs if len(outputs) != 1 else outputs[0]
+
+    def _read_metadata(self) -> ProgramMetadata:
+        required = ("get_max_seq_len", "get_vocab_size", "get_eos_ids")
+        missing = [m for m in required if m not in self.method_names]
+        if missing:
+            raise ProgramError(
+                f"{self.path} is not an LLM program: it lacks the metadata methods {missing}."
+            )
+
+        def get(name: str, default):
+            return self._constant(name) if name in self.method_names else default
+
+        eos = get("get_eos_ids", ())
+        eos = (eos,) if isinstance(eos, int) else tuple(int(e) for e in eos)
+        max_seq_len = int(get("get_max_seq_len", 128))
+        return ProgramMetadata(
+            max_seq_len=max_seq_len,
+            max_context_len=int(get("get_max_context_len", max_seq_len)),
+            vocab_size=int(get("get_vocab_size", -1)),
+            bos_id=int(get("get_bos_id", -1)),
+            eos_ids=eos,
+            n_layers=int(get("get_n_layers", -1)),
+            use_kv_cache=bool(get("use_kv_cache", True)),
+            enable_dynamic_shape=bool(get("enable_dynamic_shape", False)),
+        )
+
+    def forward(self, input_ids: torch.Tensor, start_pos: int) -> torch.Tensor:
+        """Run ``input_ids`` (``[1, S]`` int64) at cache positions ``start_pos .. start_pos+S-1``.
+
+        Returns:
+            float32 logits of the last position, ``[1, vocab]`` (a fresh tensor).
+
+        Raises:
+            ValueError: empty input, too many tokens for one call, positions past the context, or
+                token ids outside the vocabulary.
+        """
+        # input_ids: [1, S]
+        n = input_ids.shape[-1]
+        meta = self.metadata
+        if n < 1:
+            raise ValueError("forward needs at least one token.")
+        if n > meta.max_seq_len:
+            raise ValueError(f"{n} tokens in one call exceed the program's max_seq_len={meta.max_seq_len}.")
+        if start_pos < 0 or start_pos + n > meta.max_context_len:
+            raise ValueError(
+                f"positions {start_pos}..{start_pos + n - 1} do not fit the program's context of "
+                f"{meta.max_context_len} tokens (max_context_len)."
+            )
+        low, high = int(input_ids.min()), int(input_ids.max())
+        if low < 0 or high >= meta.vocab_size:
+            bad = low if low < 0 else high
+            raise ValueError(f"token id {bad} is outside the vocabulary [0, {meta.vocab_size}).")
+        positions = torch.arange(start_pos, start_pos + n, dtype=torch.long)
+        return self._module.forward((input_ids.reshape(1, n), positions))[0]
+
+    def run_method(self, name: str, inputs: tuple = ()) -> list:
+        """Run any method of the program by name and return its outputs."""
+        if name not in self.method_names:
+            raise ValueError(f"method {name!r} is not in {self.path.name} (methods: {list(self.method_names)}).")
+        return self._module.run_method(name, inputs)
+
+    def write_etdump(self, path: str | os.PathLike) -> Path:
+        """Write the ETDump recorded so far (requires ``enable_etdump=True``)."""
+        if not self._module.has_etdump():
+            raise ProgramError("this program was loaded without enable_etdump=True; nothing was recorded.")
+        self._module.write_etdump_result_to_file(str(path))
+        return Path(path)

