@@ -12,14 +12,21 @@ Run:  python benchmarks/generate.py [--pte DIR] [--runs 3] [--peer-python /path/
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import os
 import statistics
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-import torch
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+from et_transformers.threads import prefer_single_threaded_blas  # noqa: E402
+
+prefer_single_threaded_blas()  # before torch loads; the same for every contender in this process
+import torch  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "examples"))
@@ -37,7 +44,7 @@ def prompt_ids(tokenizer, n: int) -> torch.Tensor:
 
 
 def bench_ours(model, ids, new_tokens):
-    model.generate(ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
+    model.generate(ids, max_new_tokens=new_tokens, do_sample=False, eos_token_id=None)
     s = model.stats
     return s.prefill_tokens_per_s, s.decode_tokens_per_s, s.generated_tokens
 
@@ -56,6 +63,21 @@ def bench_bare_loop(program, ids, new_tokens):
     return ids.shape[1] / (t1 - t0), (new_tokens - 1) / (t2 - t1), new_tokens
 
 
+@contextlib.contextmanager
+def stdout_silenced():
+    """The C++ runner prints every token (and a report) to the process's stdout: hide it."""
+    sys.stdout.flush()
+    saved = os.dup(1)
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, 1)
+    try:
+        yield
+    finally:
+        os.dup2(saved, 1)
+        os.close(saved)
+        os.close(devnull)
+
+
 def bench_cpp_runner(runner, GenerationConfig, text, new_tokens):
     stats = {}
 
@@ -65,7 +87,8 @@ def bench_cpp_runner(runner, GenerationConfig, text, new_tokens):
     config = GenerationConfig(max_new_tokens=new_tokens, temperature=0.0, echo=False)
     if hasattr(config, "ignore_eos"):
         config.ignore_eos = True
-    runner.generate(text, config, lambda piece: None, on_stats)
+    with stdout_silenced():
+        runner.generate(text, config, lambda piece: None, on_stats)
     runner.reset()
     prefill_s = (stats["prompt_eval_end_ms"] - stats["inference_start_ms"]) / 1000
     decode_s = (stats["inference_end_ms"] - stats["prompt_eval_end_ms"]) / 1000
@@ -73,13 +96,16 @@ def bench_cpp_runner(runner, GenerationConfig, text, new_tokens):
     return stats["prompt_tokens"] / prefill_s, (generated - 1) / decode_s if decode_s else None, generated
 
 
-def median_runs(fn, runs):
-    results = [fn() for _ in range(runs)]
-    return (
-        statistics.median(r[0] for r in results),
-        statistics.median(r[1] for r in results if r[1]),
-        results[0][2],
-    )
+def interleaved_medians(contenders: dict, runs: int) -> dict:
+    """Run each contender once per round, ``runs`` rounds (so drift hits all alike); medians."""
+    results = {name: [] for name in contenders}
+    for _ in range(runs):
+        for name, fn in contenders.items():
+            results[name].append(fn())
+    return {
+        name: (statistics.median(r[0] for r in rs), statistics.median(r[1] for r in rs if r[1]), rs[0][2])
+        for name, rs in results.items()
+    }
 
 
 def main() -> None:
@@ -112,17 +138,16 @@ def main() -> None:
     text = tok.decode(ids[0])
     n = args.new_tokens
 
-    rows = {}
-    bench_ours(model, ids, n)  # warm-up
-    rows["et_transformers generate()"] = median_runs(lambda: bench_ours(model, ids, n), args.runs)
-    bench_bare_loop(model.program, ids, n)
-    rows["bare runtime loop"] = median_runs(lambda: bench_bare_loop(model.program, ids, n), args.runs)
     load_kernel_libraries()
     runner = TextLLMRunner(str(folder / "model.pte"), str(folder / "tokenizer.json"))
-    bench_cpp_runner(runner, GenerationConfig, text, n)
-    rows["ExecuTorch C++ TextLLMRunner"] = median_runs(
-        lambda: bench_cpp_runner(runner, GenerationConfig, text, n), args.runs
-    )
+    contenders = {
+        "et_transformers generate()": lambda: bench_ours(model, ids, n),
+        "bare runtime loop": lambda: bench_bare_loop(model.program, ids, n),
+        "ExecuTorch C++ TextLLMRunner": lambda: bench_cpp_runner(runner, GenerationConfig, text, n),
+    }
+    for fn in contenders.values():  # warm-up (the C++ runner loads its own copy of the program)
+        fn()
+    rows = interleaved_medians(contenders, args.runs)
     if args.peer_python:
         peer = subprocess.run(
             [args.peer_python, str(ROOT / "benchmarks" / "peer_generate.py"), "--prompt-tokens",

@@ -41,7 +41,7 @@ def main() -> None:
     if not (args.keep / "model.pte").is_file():
         start = time.perf_counter()
         model = ExecuTorchModelForCausalLM.from_pretrained(
-            str(hf), export=True, recipe="xnnpack", attn_implementation="custom_sdpa",
+            str(hf), export=True, task="text-generation", recipe="xnnpack", attn_implementation="custom_sdpa",
             use_custom_kv_cache=True, qlinear="8da4w", qlinear_group_size=32, qembedding="8w", max_seq_len=1024,
         )
         print(f"peer export took {time.perf_counter() - start:.0f} s", file=sys.stderr)

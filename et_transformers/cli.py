@@ -15,34 +15,56 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from .config import BACKENDS, DTYPES, QEMBEDDING_SCHEMES, QLINEAR_SCHEMES, ExportConfig
+from .config import (
+    BACKENDS,
+    DEFAULT_RECIPE,
+    DTYPES,
+    KV_CACHE_DTYPES,
+    LOGITS_MODES,
+    QEMBEDDING_SCHEMES,
+    QLINEAR_SCHEMES,
+    RECIPES,
+    ExportConfig,
+)
+from .config import recipe as make_recipe
 from .errors import ETTransformersError
+from .threads import prefer_single_threaded_blas
 
 logger = logging.getLogger(__name__)
 
 
-def _group_size(text: str) -> int | None:
-    return None if text.lower() in ("none", "channel", "per-channel") else int(text)
+def _group_size(text: str) -> int | str:
+    """A group size: an integer, or ``"none"`` (one group per channel; ``None`` once parsed)."""
+    return "none" if text.lower() in ("none", "channel", "per-channel") else int(text)
 
 
 def _add_export_options(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("export options (ExportConfig fields)")
+    g = p.add_argument_group("export options (a recipe, then ExportConfig fields on top of it)")
+    g.add_argument("--recipe", choices=sorted(RECIPES), help=f"named export recipe (default {DEFAULT_RECIPE})")
     g.add_argument("--max-seq-len", type=int, help="KV cache length: the whole context the program holds")
     g.add_argument("--dtype", choices=sorted(set(DTYPES.values())), help="weights/activations dtype")
     g.add_argument("--backend", choices=BACKENDS, help="xnnpack (default) or portable (no delegate)")
     g.add_argument("--qlinear", choices=[*QLINEAR_SCHEMES, "none"], help="linear-layer quantization")
     g.add_argument("--qlinear-group-size", type=_group_size, help="power of two, or 'none' for per-channel")
+    g.add_argument("--qhead", choices=["same", *QLINEAR_SCHEMES, "none"], help="output-head quantization")
+    g.add_argument("--qlinear-8bit", action="append", metavar="PATTERN",
+                   help="module-name pattern of linear layers kept at 8 bits (repeatable), e.g. '*.down_proj'")
     g.add_argument("--qembedding", choices=[*QEMBEDDING_SCHEMES, "none"], help="embedding quantization")
     g.add_argument("--qembedding-group-size", type=_group_size, help="power of two, or 'none' for per-row")
+    g.add_argument("--kv-cache-dtype", choices=[k for k in KV_CACHE_DTYPES if k], help="int8 KV cache")
+    g.add_argument("--logits", choices=LOGITS_MODES, help="'all' builds an evaluation program")
 
 
-def _export_config(args: argparse.Namespace) -> ExportConfig:
+def _export_overrides(args: argparse.Namespace) -> dict:
+    """The ``ExportConfig`` fields given on the command line (``none`` means ``None``)."""
     overrides = {}
     for f in dataclasses.fields(ExportConfig):
         value = getattr(args, f.name, None)
+        if isinstance(value, list):
+            value = tuple(value)
         if value is not None:
             overrides[f.name] = None if value == "none" else value
-    return ExportConfig().replace(**overrides)
+    return overrides
 
 
 def _add_load_options(p: argparse.ArgumentParser) -> None:
@@ -61,13 +83,14 @@ def _load(args: argparse.Namespace):
 
     return ETModelForCausalLM.from_pretrained(
         args.model,
-        export_config=_export_config(args),
+        recipe=args.recipe,
         revision=args.revision,
         gguf_file=args.gguf_file,
         cache_dir=args.cache_dir,
         local_files_only=args.offline,
         force_export=args.force_export,
         trust_remote_code=args.trust_remote_code,
+        **_export_overrides(args),
     )
 
 
@@ -102,7 +125,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 
     exporter = Exporter.from_pretrained(
         args.model,
-        _export_config(args),
+        make_recipe(args.recipe or DEFAULT_RECIPE, **_export_overrides(args)),
         revision=args.revision,
         gguf_file=args.gguf_file,
         cache_dir=args.cache_dir,
@@ -172,6 +195,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``et-transformers``; returns the exit code."""
+    prefer_single_threaded_blas()  # before torch loads: see et_transformers.threads
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(

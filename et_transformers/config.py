@@ -31,8 +31,19 @@ BACKENDS: tuple[str, ...] = ("xnnpack", "portable")
 #: Linear-layer quantization schemes: 8-bit dynamic activations with 4- or 8-bit weights, or weight-only.
 QLINEAR_SCHEMES: tuple[str, ...] = ("8da4w", "8da8w", "4w", "8w")
 
+#: How the output head (``lm_head``, often tied to the embedding) is quantized: like the other linear
+#: layers (``"same"``), left in float (``None``), or with its own scheme (8-bit schemes per channel,
+#: 4-bit ones with ``qlinear_group_size``). The head is the layer most sensitive to 4-bit weights.
+QHEAD_CHOICES: tuple[str | None, ...] = ("same", None, *QLINEAR_SCHEMES)
+
 #: Embedding quantization schemes (weight-only).
 QEMBEDDING_SCHEMES: tuple[str, ...] = ("4w", "8w")
+
+#: KV cache storage: ``None`` keeps the model dtype; ``"int8"`` quantizes per token and head.
+KV_CACHE_DTYPES: tuple[str | None, ...] = (None, "int8")
+
+#: What ``forward`` returns: the last position's logits, or every position's (evaluation programs).
+LOGITS_MODES: tuple[str, ...] = ("last", "all")
 
 #: Largest context we let a program be built for; beyond it the static KV cache alone is gigabytes.
 MAX_SEQ_LEN_LIMIT = 131072
@@ -45,6 +56,48 @@ def _check_group_size(name: str, value: int | None) -> None:
         raise InvalidConfigError(
             f"{name}={value!r} is not valid: use a positive power of two (e.g. 32, 64, 128, 256) "
             f"for groupwise quantization, or None for one group per output channel."
+        )
+
+
+def _check_backend_support(cfg: "ExportConfig") -> None:
+    """Refuse combinations the backend cannot run as asked (rather than quietly running float).
+
+    Each rule was found by exporting and running the combination (``tests/test_quantization.py``
+    keeps them honest): XNNPACK has no float-activation x integer-weight linear, runs 8-bit weights
+    per output channel only and fails at run time on bf16 activations with 8-bit weights; the
+    portable kernels dequantize weights per output channel only (group-wise weights would be
+    folded back to float at export).
+    """
+    scheme, gs = cfg.qlinear, cfg.qlinear_group_size
+    if cfg.backend == "xnnpack" and cfg.qhead in ("4w", "8w"):
+        raise InvalidConfigError(
+            f"qhead={cfg.qhead!r} cannot run on backend='xnnpack' (no float-activation x integer-weight "
+            f"linear); use qhead='8da{cfg.qhead[0]}w', None (float) or 'same'."
+        )
+    if cfg.backend == "xnnpack":
+        if scheme in ("4w", "8w"):
+            raise InvalidConfigError(
+                f"qlinear={scheme!r} cannot run on backend='xnnpack': XNNPACK has no linear with float "
+                f"activations and integer weights, so the weights would run as float. Use "
+                f"qlinear='8da{scheme[0]}w' (same weights, int8 dynamic activations), or backend='portable'."
+            )
+        if scheme == "8da8w" and gs is not None:
+            raise InvalidConfigError(
+                f"qlinear='8da8w' with qlinear_group_size={gs} cannot run on backend='xnnpack': XNNPACK "
+                f"supports 8-bit weights with one scale per output channel only. Use qlinear_group_size=None."
+            )
+        head = scheme if cfg.qhead == "same" else cfg.qhead
+        eight = "8da8w" if cfg.qlinear_8bit and scheme == "8da4w" else None
+        for field, value in (("qlinear", scheme), ("qhead", head), ("qlinear_8bit", eight)):
+            if value == "8da8w" and cfg.dtype == "bfloat16":
+                raise InvalidConfigError(
+                    f"{field}='8da8w' with dtype='bfloat16' cannot run on backend='xnnpack' (no bf16 kernel "
+                    f"for 8-bit weights); use dtype='float32' or 'float16', or {field}='8da4w'."
+                )
+    if cfg.backend == "portable" and scheme is not None and gs is not None:
+        raise InvalidConfigError(
+            f"qlinear={scheme!r} with qlinear_group_size={gs} cannot run on backend='portable': its "
+            f"kernels dequantize weights per output channel only. Use qlinear_group_size=None."
         )
 
 
@@ -62,9 +115,20 @@ class ExportConfig:
         qlinear_group_size: Group size of ``qlinear`` weights, a power of two, or ``None`` for one
             scale per output channel. A layer whose input size the group size does not divide is
             quantized per output channel instead (logged), never skipped silently.
+        qhead: Quantization of the output head: ``"same"`` (default) as ``qlinear``; ``None`` keeps
+            it in float; or a ``qlinear`` scheme of its own (``"8da8w"`` per channel, ``"8da4w"``
+            with ``qlinear_group_size``). See :data:`QHEAD_CHOICES`.
+        qlinear_8bit: Module-name patterns (``fnmatch``, e.g. ``"*.mlp.down_proj"``) of linear layers
+            that get 8-bit weights per output channel instead of ``qlinear``'s 4 bits (``8da8w`` for
+            the dynamic-activation schemes, ``8w`` for weight-only): the mixed-precision knob for the
+            layers most sensitive to 4-bit weights.
         qembedding: Quantization of the token embedding: ``None``, ``"4w"``, ``"8w"``.
         qembedding_group_size: Group size for ``qembedding``, a power of two, or ``None`` for one
             scale per embedding row.
+        kv_cache_dtype: ``None`` caches keys and values in ``dtype``; ``"int8"`` quantizes them per
+            token and head and runs ExecuTorch's ``llama.custom_quantized_sdpa``.
+        logits: ``"last"`` (default): ``forward`` returns the last position's logits, which is all
+            generation needs; ``"all"``: every position's, for evaluation (perplexity) programs.
 
     Raises:
         InvalidConfigError: a field has a value outside the accepted set; the message lists it.
@@ -75,8 +139,12 @@ class ExportConfig:
     backend: str = "xnnpack"
     qlinear: str | None = None
     qlinear_group_size: int | None = 32
+    qhead: str | None = "same"
+    qlinear_8bit: tuple[str, ...] = ()
     qembedding: str | None = None
     qembedding_group_size: int | None = None
+    kv_cache_dtype: str | None = None
+    logits: str = "last"
 
     def __post_init__(self) -> None:
         msl = self.max_seq_len
@@ -98,13 +166,34 @@ class ExportConfig:
             raise InvalidConfigError(
                 f"qlinear={self.qlinear!r} is not a known scheme; use None or one of {list(QLINEAR_SCHEMES)}."
             )
+        patterns = self.qlinear_8bit
+        if isinstance(patterns, str) or not all(isinstance(p, str) and p for p in patterns):
+            raise InvalidConfigError(
+                f"qlinear_8bit={patterns!r} is not valid: give a tuple of module-name patterns, e.g. "
+                f"('*.mlp.down_proj',)."
+            )
+        object.__setattr__(self, "qlinear_8bit", tuple(patterns))
+        if patterns and self.qlinear not in ("8da4w", "4w"):
+            raise InvalidConfigError(
+                f"qlinear_8bit={tuple(patterns)!r} needs a 4-bit qlinear ('8da4w' or '4w') to differ from; "
+                f"qlinear is {self.qlinear!r}."
+            )
+        if self.qhead not in QHEAD_CHOICES:
+            raise InvalidConfigError(f"qhead={self.qhead!r} is not valid; use one of {list(QHEAD_CHOICES)}.")
         if self.qembedding not in (None, *QEMBEDDING_SCHEMES):
             raise InvalidConfigError(
                 f"qembedding={self.qembedding!r} is not a known scheme; use None or one of "
                 f"{list(QEMBEDDING_SCHEMES)}."
             )
+        if self.kv_cache_dtype not in KV_CACHE_DTYPES:
+            raise InvalidConfigError(
+                f"kv_cache_dtype={self.kv_cache_dtype!r} is not supported; use one of {list(KV_CACHE_DTYPES)}."
+            )
+        if self.logits not in LOGITS_MODES:
+            raise InvalidConfigError(f"logits={self.logits!r} is not valid; use one of {list(LOGITS_MODES)}.")
         _check_group_size("qlinear_group_size", self.qlinear_group_size)
         _check_group_size("qembedding_group_size", self.qembedding_group_size)
+        _check_backend_support(self)
 
     @property
     def torch_dtype(self):
@@ -114,8 +203,15 @@ class ExportConfig:
         return getattr(torch, self.dtype)
 
     def to_dict(self) -> dict[str, Any]:
-        """Return the fields as a JSON-serialisable dict (used in manifests and cache keys)."""
-        return dataclasses.asdict(self)
+        """Return the fields as a JSON-serialisable dict (used in manifests)."""
+        data = dataclasses.asdict(self)
+        data["qlinear_8bit"] = list(self.qlinear_8bit)
+        return data
+
+    def non_default_fields(self) -> dict[str, Any]:
+        """The :meth:`to_dict` entries whose value differs from the field's default (cache keys)."""
+        default = ExportConfig().to_dict()
+        return {k: v for k, v in self.to_dict().items() if v != default[k]}
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> "ExportConfig":
@@ -135,3 +231,35 @@ class ExportConfig:
                 f"{[f.name for f in dataclasses.fields(self)]}."
             )
         return dataclasses.replace(self, **overrides)
+
+
+#: Named export recipes: ``ExportConfig`` fields per name. ``DEFAULT_RECIPE`` is what
+#: ``from_pretrained`` builds when given neither a recipe nor an ``ExportConfig``; the README's
+#: quality/speed table (produced by ``benchmarks/quality.py``) says why it is the default.
+RECIPES: dict[str, dict[str, Any]] = {
+    "xnnpack-fp32": {},
+    "xnnpack-8da8w": {"qlinear": "8da8w", "qlinear_group_size": None, "qembedding": "8w"},
+    "xnnpack-8da4w": {
+        "qlinear": "8da4w", "qlinear_group_size": 32, "qhead": "8da8w", "qlinear_8bit": ("*.mlp.down_proj",),
+        "qembedding": "8w",
+    },
+    "xnnpack-8da4w-kv8": {
+        "qlinear": "8da4w", "qlinear_group_size": 32, "qhead": "8da8w", "qlinear_8bit": ("*.mlp.down_proj",),
+        "qembedding": "8w", "kv_cache_dtype": "int8",
+    },
+    "xnnpack-8da4w-pure": {"qlinear": "8da4w", "qlinear_group_size": 32, "qembedding": "8w"},
+    "portable-fp32": {"backend": "portable"},
+}
+DEFAULT_RECIPE = "xnnpack-8da4w"
+
+
+def recipe(name: str, **overrides: Any) -> ExportConfig:
+    """The :class:`ExportConfig` of a named recipe, with ``overrides`` applied.
+
+    Raises:
+        InvalidConfigError: ``name`` is not in :data:`RECIPES` (the message lists them), or an
+            override is invalid.
+    """
+    if name not in RECIPES:
+        raise InvalidConfigError(f"recipe={name!r} is not known; use one of {sorted(RECIPES)}.")
+    return ExportConfig().replace(**{**RECIPES[name], **overrides})

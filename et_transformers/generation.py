@@ -19,7 +19,10 @@ import warnings
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
+
+from transformers.generation import stopping_criteria as sc
 
 from .planning import GenerationPlan, plan
 from .runtime import Program
@@ -83,6 +86,20 @@ def peak_rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
+def _simple_stop(criteria) -> tuple[int, frozenset[int]] | None:
+    """``(max_length, eos ids)`` if ``criteria`` hold only transformers' max-length and EOS criteria
+    (the common case), so the loop can test them on Python ints instead of tensors; else None."""
+    max_length, eos = None, frozenset()
+    for c in criteria:
+        if type(c) is sc.MaxLengthCriteria:
+            max_length = c.max_length if max_length is None else min(max_length, c.max_length)
+        elif type(c) is sc.EosTokenCriteria:
+            eos = eos | frozenset(int(e) for e in c.eos_token_id.flatten().tolist())
+        else:
+            return None
+    return None if max_length is None else (max_length, eos)
+
+
 class Generator:
     """Runs ``generate()`` for one program.
 
@@ -140,30 +157,41 @@ class Generator:
     def _generate_row(self, plan_: GenerationPlan, b: int, streamer, stats, t_start) -> torch.Tensor:
         gc, criteria = plan_.generation_config, plan_.stopping_criteria
         processors = plan_.logits_processors[b]
-        ids = plan_.input_ids[b : b + 1]  # [1, L], left padding included (what transformers' row holds)
-        tokens = ids[0][plan_.attention_mask[b].bool()].unsqueeze(0)  # [1, n]
+        simple_stop = _simple_stop(criteria)  # (max_length, eos ids) when the criteria are just those
+        prompt = plan_.input_ids[b : b + 1]  # [1, L], left padding included (what transformers' row holds)
+        tokens = prompt[0][plan_.attention_mask[b].bool()].unsqueeze(0)  # [1, n]
+        context = self.program.metadata.max_context_len
+        # The row's ids live in one buffer; processors and criteria see a view of its filled part.
+        ids_buffer = torch.empty(1, max(gc.max_length, prompt.shape[-1]) + 1, dtype=torch.long)
+        ids_buffer[:, : prompt.shape[-1]] = prompt
+        length = prompt.shape[-1]
         t0 = time.perf_counter()
         logits = self.prefill(tokens)  # [1, V]
         stats.prefill_time += time.perf_counter() - t0
         stats.prompt_tokens += tokens.shape[-1]
         pos = tokens.shape[-1]
-        context = self.program.metadata.max_context_len
         t_first = None
         while True:
-            scores = processors(ids, logits)
+            ids = ids_buffer[:, :length]
+            scores = processors(ids, logits) if processors else logits
             if gc.do_sample:
-                next_token = torch.multinomial(torch.softmax(scores, dim=-1), num_samples=1)[:, 0]
+                token = int(torch.multinomial(torch.softmax(scores, dim=-1), num_samples=1))
             else:
-                next_token = torch.argmax(scores, dim=-1)
-            ids = torch.cat([ids, next_token[:, None]], dim=-1)
+                token = int(np.argmax(scores.float().numpy()))  # single-threaded: cheaper than torch's here
+            ids_buffer[0, length] = token
+            length += 1
+            ids = ids_buffer[:, :length]
             stats.generated_tokens += 1
             if t_first is None:
                 t_first = time.perf_counter()
                 if stats.time_to_first_token is None:
                     stats.time_to_first_token = t_first - t_start
             if streamer is not None:
-                streamer.put(next_token.cpu())
-            if bool(criteria(ids, scores).all()):
+                streamer.put(torch.tensor([token]))
+            if simple_stop is not None:
+                if length >= simple_stop[0] or token in simple_stop[1]:
+                    break
+            elif bool(criteria(ids, scores).all()):
                 break
             if pos >= context:
                 warnings.warn(
@@ -172,10 +200,10 @@ class Generator:
                     stacklevel=4,
                 )
                 break
-            logits = self.program.forward(next_token[:, None], pos)
+            logits = self.program.decode(token, pos)
             pos += 1
         stats.decode_time += time.perf_counter() - t_first
-        return ids
+        return ids_buffer[:, :length]
 
     def prefill(self, tokens: torch.Tensor, start_pos: int = 0) -> torch.Tensor:
         """Run ``tokens`` (``[1, n]``) through the program from ``start_pos``; return last logits."""

@@ -18,7 +18,8 @@ import torch
 
 from . import hub
 from .cache import ArtifactCache
-from .config import ExportConfig
+from .config import DEFAULT_RECIPE, ExportConfig
+from .config import recipe as make_recipe
 from .errors import InvalidConfigError, ModelNotFoundError, ProgramError
 from .generation import GenerationStats, Generator, peak_rss_bytes
 from .manifest import PTE_NAME, Manifest
@@ -139,6 +140,7 @@ class ETModelForCausalLM:
         model_id_or_path: str | os.PathLike,
         *,
         export_config: ExportConfig | None = None,
+        recipe: str | None = None,
         revision: str | None = None,
         token: str | bool | None = None,
         cache_dir: str | os.PathLike | None = None,
@@ -156,7 +158,9 @@ class ETModelForCausalLM:
         Args:
             model_id_or_path: Hub id (``"org/name"``), local model folder, ``.gguf`` file, or a
                 folder/repo written by :meth:`save_pretrained` (loaded without export).
-            export_config: what program to build; ``ExportConfig()`` by default.
+            export_config: what program to build.
+            recipe: a named recipe (see :data:`et_transformers.config.RECIPES`) instead of
+                ``export_config``; with neither, :data:`~et_transformers.config.DEFAULT_RECIPE`.
             revision: Hub branch, tag or commit.
             token: Hub token (never logged).
             cache_dir: root for downloads and exported artifacts (default: see
@@ -177,8 +181,11 @@ class ETModelForCausalLM:
             UnsupportedModelError, ModelNotFoundError, HubError, ExportError, CacheError.
         """
         t0 = time.perf_counter()
-        export_config = (export_config or ExportConfig()).replace(**export_overrides)
-        explicit_export = bool(export_overrides) or export_config != ExportConfig()
+        if export_config is not None and recipe is not None:
+            raise InvalidConfigError(f"pass either export_config or recipe={recipe!r}, not both.")
+        explicit_export = export_config is not None or recipe is not None or bool(export_overrides)
+        base = export_config if export_config is not None else make_recipe(recipe or DEFAULT_RECIPE)
+        export_config = base.replace(**export_overrides)
         source = hub.resolve(
             model_id_or_path,
             revision=revision,
@@ -328,6 +335,51 @@ class ETModelForCausalLM:
             f"{type(self).__name__}(pte={str(self.pte_path)!r}, context={meta.max_context_len}, "
             f"vocab={meta.vocab_size}, export_config={self.export_config})"
         )
+
+    # -- logits ----------------------------------------------------------------------------
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None):
+        """Logits for every position, as ``transformers``' ``model(input_ids).logits``.
+
+        Each row is run from cache position 0 (left padding skipped; padded positions get zero
+        logits). An evaluation program (``ExportConfig(logits="all")``) computes each chunk of up to
+        ``max_seq_len`` tokens in one call; a generation program runs one call per token, which
+        gives the same logits, only slower.
+
+        Args:
+            input_ids: LongTensor ``[batch, seq]`` (left-padded batches with ``attention_mask``).
+            attention_mask: ``[batch, seq]``.
+
+        Returns:
+            ``CausalLMOutput`` with ``logits`` ``[batch, seq, vocab]`` (float32).
+
+        Raises:
+            ValueError: bad ids, right padding, or a row longer than the program's context.
+        """
+        from transformers.modeling_outputs import CausalLMOutput
+
+        from .planning import attention_mask_for, check_input_ids
+
+        meta = self.program.metadata
+        ids = check_input_ids(input_ids, meta.vocab_size)
+        mask = attention_mask_for(ids, attention_mask, None, None)
+        logits = torch.zeros(*ids.shape, meta.vocab_size)
+        for b in range(ids.shape[0]):
+            tokens = ids[b][mask[b].bool()].unsqueeze(0)  # [1, n]
+            n = tokens.shape[-1]
+            if n > meta.max_context_len:
+                raise ValueError(
+                    f"row {b} has {n} tokens but the program's context holds {meta.max_context_len}; "
+                    f"evaluate in windows of at most {meta.max_context_len} tokens."
+                )
+            chunks = [
+                self.program.forward_all(tokens[:, s : s + meta.max_seq_len], s)
+                for s in range(0, n, meta.max_seq_len)
+            ]
+            logits[b, ids.shape[1] - n :] = torch.cat(chunks, dim=1)[0]
+        return CausalLMOutput(logits=logits)
+
+    __call__ = forward
 
     # -- generation ----------------------------------------------------------------------
 

@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 
 from .errors import ProgramError
+from .threads import warn_if_contended
 
 logger = logging.getLogger(__name__)
 
@@ -63,6 +64,8 @@ class ProgramMetadata:
         n_layers: decoder layers.
         use_kv_cache: whether ``forward`` takes cache positions.
         enable_dynamic_shape: whether ``forward`` accepts any prompt length up to ``max_seq_len``.
+        all_logits: whether ``forward`` returns every position's logits (an evaluation program)
+            rather than the last position's.
     """
 
     max_seq_len: int
@@ -73,6 +76,7 @@ class ProgramMetadata:
     n_layers: int
     use_kv_cache: bool
     enable_dynamic_shape: bool
+    all_logits: bool = False
 
 
 class Program:
@@ -105,6 +109,7 @@ class Program:
         if "forward" not in self.method_names:
             raise ProgramError(f"{self.path} has no 'forward' method (methods: {list(self.method_names)}).")
         self.metadata = self._read_metadata()
+        warn_if_contended()
 
     def _constant(self, name: str):
         outputs = self._module.run_method(name, ())
@@ -133,19 +138,10 @@ class Program:
             n_layers=int(get("get_n_layers", -1)),
             use_kv_cache=bool(get("use_kv_cache", True)),
             enable_dynamic_shape=bool(get("enable_dynamic_shape", False)),
+            all_logits=len(self._module.method_meta("forward").output_tensor_meta(0).sizes()) == 3,
         )
 
-    def forward(self, input_ids: torch.Tensor, start_pos: int) -> torch.Tensor:
-        """Run ``input_ids`` (``[1, S]`` int64) at cache positions ``start_pos .. start_pos+S-1``.
-
-        Returns:
-            float32 logits of the last position, ``[1, vocab]`` (a fresh tensor).
-
-        Raises:
-            ValueError: empty input, too many tokens for one call, positions past the context, or
-                token ids outside the vocabulary.
-        """
-        # input_ids: [1, S]
+    def _check(self, input_ids: torch.Tensor, start_pos: int) -> None:
         n = input_ids.shape[-1]
         meta = self.metadata
         if n < 1:
@@ -161,8 +157,59 @@ class Program:
         if low < 0 or high >= meta.vocab_size:
             bad = low if low < 0 else high
             raise ValueError(f"token id {bad} is outside the vocabulary [0, {meta.vocab_size}).")
+
+    def _run(self, input_ids: torch.Tensor, start_pos: int) -> torch.Tensor:
+        self._check(input_ids, start_pos)
+        n = input_ids.shape[-1]
         positions = torch.arange(start_pos, start_pos + n, dtype=torch.long)
-        return self._module.forward((input_ids.reshape(1, n), positions))[0]
+        try:
+            return self._module.forward((input_ids.reshape(1, n), positions))[0]
+        except RuntimeError as e:
+            raise self._failed(e, n, start_pos) from e
+
+    def _failed(self, error: RuntimeError, n: int, start_pos: int) -> ProgramError:
+        return ProgramError(
+            f"{self.path} failed to run forward on {n} token(s) at position {start_pos} ({error}). The "
+            f"inputs passed our checks, so the program itself cannot run here: re-export it with "
+            f"another recipe, and please report it with its manifest.json."
+        )
+
+    def forward(self, input_ids: torch.Tensor, start_pos: int) -> torch.Tensor:
+        """Run ``input_ids`` (``[1, S]`` int64) at cache positions ``start_pos .. start_pos+S-1``.
+
+        Returns:
+            float32 logits of the last position, ``[1, vocab]``.
+
+        Raises:
+            ValueError: empty input, too many tokens for one call, positions past the context, or
+                token ids outside the vocabulary.
+        """
+        logits = self._run(input_ids, start_pos)  # [1, V], or [1, S, V] for evaluation programs
+        return logits[:, -1] if logits.dim() == 3 else logits
+
+    def decode(self, token_id: int, pos: int) -> torch.Tensor:
+        """One generation step: the logits ``[1, vocab]`` after ``token_id`` at position ``pos``.
+
+        The fast path of the decode loop: the caller guarantees ``token_id`` came from this
+        program's logits and ``pos`` is inside the context, so nothing is re-checked.
+        """
+        inputs = (torch.tensor([[token_id]], dtype=torch.long), torch.tensor([pos], dtype=torch.long))
+        try:
+            logits = self._module.forward(inputs)[0]
+        except RuntimeError as e:
+            raise self._failed(e, 1, pos) from e
+        return logits[:, -1] if logits.dim() == 3 else logits
+
+    def forward_all(self, input_ids: torch.Tensor, start_pos: int) -> torch.Tensor:
+        """Like :meth:`forward` but returns every position's logits ``[1, S, vocab]``.
+
+        One call on an evaluation program (``logits="all"``); on a generation program, one call
+        per token, each returning its own position's logits (exact, S times slower).
+        """
+        if self.metadata.all_logits:
+            return self._run(input_ids, start_pos)
+        rows = [self.forward(input_ids[:, i : i + 1], start_pos + i) for i in range(input_ids.shape[-1])]
+        return torch.stack(rows, dim=1)
 
     def run_method(self, name: str, inputs: tuple = ()) -> list:
         """Run any method of the program by name and return its outputs."""

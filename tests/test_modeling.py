@@ -16,6 +16,7 @@ import torch
 from conftest import run_python
 from et_transformers import ETModelForCausalLM, ExportConfig, InvalidConfigError, ProgramError
 from et_transformers.cache import ArtifactCache
+from et_transformers.config import DEFAULT_RECIPE, recipe
 
 LOAD = """
 import json, sys, time
@@ -134,7 +135,7 @@ def test_attributes_users_expect(tiny_llama_dir, warm_cache):
     assert model.config.model_type == "llama"
     assert model.generation_config.eos_token_id == 2
     assert model.tokenizer("Paris").input_ids
-    assert model.export_config == ExportConfig(max_seq_len=32)
+    assert model.export_config == recipe(DEFAULT_RECIPE, max_seq_len=32)  # the default recipe
     assert model.pte_path.name == "model.pte" and model.pte_path.is_file()
     assert model.stats.load_time > 0 and model.stats.export_time is None
 

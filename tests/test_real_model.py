@@ -8,10 +8,13 @@ import time
 import pytest
 import torch
 
-from conftest import run_python
-from et_transformers import ETModelForCausalLM, ExportConfig
+from conftest import ROOT, run_python
+from et_transformers import ETModelForCausalLM
+from et_transformers.config import DEFAULT_RECIPE, recipe
+from et_transformers.evaluation import Evaluation, evaluate_eager, evaluate_program
 
-DEMO_CONFIG = ExportConfig(max_seq_len=1024, qlinear="8da4w", qlinear_group_size=32, qembedding="8w")
+DEMO_CONFIG = recipe(DEFAULT_RECIPE, max_seq_len=1024)
+EVAL_TOKENS = 512  # of benchmarks/data/eval_text.txt (benchmarks/quality.py scores all of it)
 
 
 @pytest.fixture(scope="session")
@@ -21,7 +24,7 @@ def demo_cache(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def demo_model(demo_gguf, demo_cache) -> ETModelForCausalLM:
-    """The demo model exported once (8da4w group 32, 8-bit embeddings, 1024 context)."""
+    """The demo model exported once with the default recipe (1024 context)."""
     return ETModelForCausalLM.from_pretrained(demo_gguf, export_config=DEMO_CONFIG, cache_dir=demo_cache)
 
 
@@ -78,3 +81,52 @@ def test_cpp_runner_generates_the_same_greedy_tokens(demo_model):
     ids = tok(prompt, return_tensors="pt").input_ids
     out = demo_model.generate(ids, max_new_tokens=20, do_sample=False)
     assert "".join(pieces) == tok.decode(out[0, ids.shape[1]:])
+
+
+# -- quality of the recipes (issue: quantization recipes with measured quality) ----------------------
+
+
+@pytest.fixture(scope="session")
+def eval_ids(demo_model) -> torch.Tensor:
+    text = (ROOT / "benchmarks" / "data" / "eval_text.txt").read_text()
+    return demo_model.tokenizer(text, return_tensors="pt").input_ids[:, :EVAL_TOKENS]
+
+
+@pytest.fixture(scope="session")
+def eager_reference(demo_gguf, eval_ids) -> Evaluation:
+    """Eager fp32 transformers on the GGUF's (dequantized) weights."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(demo_gguf.parent, gguf_file=demo_gguf.name, dtype=torch.float32)
+    return evaluate_eager(model.eval(), eval_ids, EVAL_TOKENS)
+
+
+def _evaluate(demo_gguf, demo_cache, eval_ids, **fields) -> Evaluation:
+    model = ETModelForCausalLM.from_pretrained(demo_gguf, cache_dir=demo_cache, **fields)
+    return evaluate_program(model.program, eval_ids, EVAL_TOKENS)
+
+
+@pytest.fixture(scope="session")
+def default_run(demo_model, eval_ids) -> Evaluation:
+    return evaluate_program(demo_model.program, eval_ids, EVAL_TOKENS)
+
+
+def test_8da8w_keeps_90_percent_top1_agreement(demo_gguf, demo_cache, eval_ids, eager_reference):
+    run = _evaluate(demo_gguf, demo_cache, eval_ids, recipe="xnnpack-8da8w", max_seq_len=EVAL_TOKENS)
+    agreement = run.agreement(eager_reference)
+    print(f"8da8w: top-1 agreement {agreement:.3f}, ppl {run.perplexity:.2f} vs fp32 {eager_reference.perplexity:.2f}")
+    assert agreement >= 0.90
+
+
+def test_default_recipe_perplexity_rise_is_bounded(default_run, eager_reference):
+    rise = default_run.perplexity / eager_reference.perplexity - 1
+    print(f"{DEFAULT_RECIPE}: ppl {default_run.perplexity:.2f} vs fp32 {eager_reference.perplexity:.2f} "
+          f"({rise:+.1%}), agreement {default_run.agreement(eager_reference):.3f}")
+    assert rise <= 0.25
+
+
+def test_int8_kv_cache_agrees_with_the_same_recipe_without_it(demo_gguf, demo_cache, eval_ids, default_run):
+    run = _evaluate(demo_gguf, demo_cache, eval_ids, export_config=DEMO_CONFIG.replace(kv_cache_dtype="int8"))
+    agreement = run.agreement(default_run)
+    print(f"{DEFAULT_RECIPE} + int8 KV cache: agreement with it without {agreement:.3f}")
+    assert agreement >= 0.95

@@ -163,7 +163,10 @@ class Exporter:
             model = self.loaded.model
             for transform in transforms:
                 model = transform(model)
-            self.module = ExportableCausalLM(model, self.export_config.max_seq_len).eval()
+            cfg = self.export_config
+            self.module = ExportableCausalLM(
+                model, cfg.max_seq_len, kv_cache_dtype=cfg.kv_cache_dtype, logits=cfg.logits
+            ).eval()
         return self
 
     def to_dtype(self) -> "Exporter":
@@ -172,7 +175,7 @@ class Exporter:
         if not isinstance(module, ExportableCausalLM):
             raise ExportError("run the 'source_transform' stage before 'to_dtype'.")
         with self._stage("to_dtype"):
-            module.to(self.export_config.torch_dtype)
+            module.to_dtype(self.export_config.torch_dtype)
         return self
 
     def quantize(self) -> "Exporter":

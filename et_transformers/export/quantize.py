@@ -19,11 +19,15 @@ the quantized values are torchao's.
 
 Per-layer policy: a layer whose input size the requested group size does not divide is quantized
 per output channel instead (a finer grouping is impossible and leaving it in float would be a
-silent change); each such layer is logged.
+silent change); each such layer is logged. The output head, often tied to the embedding and the
+layer most sensitive to 4-bit weights, follows ``ExportConfig.qhead`` (like the others by default,
+or its own scheme, or float). Tied embedding and head are stored as two tensors once quantized:
+XNNPACK packs the head's weights into its own layout, which the embedding lookup cannot read.
 """
 
 from __future__ import annotations
 
+import fnmatch
 import logging
 
 import torch
@@ -83,13 +87,20 @@ class QuantizedLinear(nn.Module):
 
     def __init__(self, qdata, scale, bits: int, group_size: int, dynamic_activations: bool, bias=None):
         super().__init__()
+        self.bits, self.group_size, self.dynamic_activations = bits, group_size, dynamic_activations
+        self.in_features, self.out_features = qdata.shape[1], qdata.shape[0]
+        if self.per_channel:
+            scale = scale.reshape(-1)  # [out]: the graph must see the buffer itself, not a view of it
         self.register_buffer("qdata", qdata)
         self.register_buffer("scale", scale)
         # Symmetric: all zero. XNNPACK's lowering wants the zero points as a tensor all the same.
-        self.register_buffer("zero_point", torch.zeros_like(scale))
-        self.bits, self.group_size, self.dynamic_activations = bits, group_size, dynamic_activations
-        self.in_features, self.out_features = qdata.shape[1], qdata.shape[0]
+        self.register_buffer("zero_point", torch.zeros(scale.shape, dtype=torch.int32))
         self.bias = None if bias is None else nn.Parameter(bias.detach(), requires_grad=False)
+
+    @property
+    def per_channel(self) -> bool:
+        """One scale per output channel (the group spans the whole input)."""
+        return self.group_size >= self.in_features
 
     def extra_repr(self) -> str:
         kind = "8da" if self.dynamic_activations else ""
@@ -99,10 +110,9 @@ class QuantizedLinear(nn.Module):
         """The float weight these int values stand for."""
         qd = _qd()
         qmin, qmax = -(1 << (self.bits - 1)), (1 << (self.bits - 1)) - 1
-        if self.group_size >= self.in_features:
+        if self.per_channel:
             return qd.dequantize_per_channel(
-                self.qdata, self.scale.reshape(-1), self.zero_point.reshape(-1), 0, qmin, qmax, torch.int8,
-                out_dtype=dtype,
+                self.qdata, self.scale, self.zero_point, 0, qmin, qmax, torch.int8, out_dtype=dtype
             )
         return qd.dequantize_per_channel_group(
             self.qdata, self.scale, self.zero_point, qmin, qmax, torch.int8, self.group_size, dtype
@@ -169,52 +179,86 @@ def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
     setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
 
 
-def quantize_model(model: nn.Module, config: ExportConfig) -> dict[str, dict[str, int]]:
+def output_head_name(model: nn.Module) -> str | None:
+    """The qualified name of the model's output head (its ``get_output_embeddings()``), if a Linear."""
+    for owner in model.modules():
+        getter = getattr(owner, "get_output_embeddings", None)
+        if callable(getter):
+            head = getter()
+            if isinstance(head, nn.Linear):
+                return next((n for n, m in model.named_modules() if m is head), None)
+    return None
+
+
+def _linear_plan(name: str, head: str | None, config: ExportConfig) -> tuple[str | None, int | None]:
+    """``(scheme, group size)`` for one linear layer: the head may have its own (``config.qhead``)."""
+    if name != head and config.qlinear_8bit and any(fnmatch.fnmatchcase(name, p) for p in config.qlinear_8bit):
+        return ("8da8w" if LINEAR_SCHEMES[config.qlinear][1] else "8w"), None
+    if name != head or config.qhead == "same":
+        return config.qlinear, config.qlinear_group_size
+    if config.qhead is None:
+        return None, None
+    bits, _ = LINEAR_SCHEMES[config.qhead]
+    return config.qhead, (None if bits == 8 else config.qlinear_group_size)
+
+
+def quantize_model(model: nn.Module, config: ExportConfig) -> dict[str, dict]:
     """Replace ``model``'s linear and embedding layers by quantized ones, as ``config`` asks.
 
     Args:
         model: the module to quantize in place, already in its final dtype.
-        config: ``qlinear``/``qembedding`` of ``None`` leave those layers in float.
+        config: ``qlinear``/``qembedding`` of ``None`` leave those layers in float; ``qhead``
+            decides the output head (see :func:`_linear_plan`).
 
     Returns:
-        ``{"linear": {...}, "embedding": {...}}``: layers quantized with the requested group size
-        and layers that fell back to per-channel.
+        ``{"linear": {...}, "embedding": {...}, "head": {...}}``: counts of layers quantized with
+        their group size and of those that fell back to per-channel, and the head's scheme.
     """
     from executorch.extension.llm.export.quantize import _make_embedding_config, _make_linear_config
 
-    report: dict[str, dict[str, int]] = {}
+    report: dict[str, dict] = {}
     dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
-    for kind, layer_type, scheme, requested in (
-        ("embedding", nn.Embedding, config.qembedding, config.qembedding_group_size),
-        ("linear", nn.Linear, config.qlinear, config.qlinear_group_size),
-    ):
-        if not scheme:
-            continue
-        targets = [(n, m) for n, m in model.named_modules() if type(m) is layer_type]
+    head = output_head_name(model)
+    # embeddings first: quantizing the head must not change a tied embedding's float weight under it
+    embeddings = [(n, m) for n, m in model.named_modules() if type(m) is nn.Embedding] if config.qembedding else []
+    linears = [(n, m) for n, m in model.named_modules() if type(m) is nn.Linear]
+    for kind, targets in (("embedding", embeddings), ("linear", linears)):
         fallbacks: list[str] = []
+        done = 0
         for name, module in targets:
             weight = module.weight
-            group = _group_size_for(name, weight.shape[1], requested, scheme, fallbacks)
             if kind == "linear":
+                scheme, requested = _linear_plan(name, head, config)
+                if scheme is None:
+                    continue
+                group = _group_size_for(name, weight.shape[1], requested, scheme, fallbacks)
                 bits, dynamic = LINEAR_SCHEMES[scheme]
                 qdata, scale = _torchao_quantize(weight, _make_linear_config(scheme, group))
                 new = QuantizedLinear(qdata, scale, bits, group or weight.shape[1], dynamic, module.bias)
             else:
+                scheme, requested = config.qembedding, config.qembedding_group_size
+                group = _group_size_for(name, weight.shape[1], requested, scheme, fallbacks)
                 bits = EMBEDDING_SCHEMES[scheme]
                 qdata, scale = _torchao_quantize(weight, _make_embedding_config(scheme, group))
                 new = QuantizedEmbedding(qdata, scale, bits, dtype)
             _replace(model, name, new)
+            done += 1
         if fallbacks:
             logger.info(
-                "%s %s: %d layer(s) have an input size not divisible by group size %s; quantized per "
+                "%s: %d layer(s) have an input size not divisible by their group size; quantized per "
                 "output channel instead: %s",
                 kind,
-                scheme,
                 len(fallbacks),
-                requested,
                 ", ".join(fallbacks[:8]) + (" ..." if len(fallbacks) > 8 else ""),
             )
-        report[kind] = {"grouped": len(targets) - len(fallbacks), "per_channel_fallback": len(fallbacks)}
+        if done:
+            report[kind] = {"grouped": done - len(fallbacks), "per_channel_fallback": len(fallbacks)}
+    if head is not None and _linear_plan(head, head, config)[0] is not None:
+        report["head"] = {"name": head, "scheme": _linear_plan(head, head, config)[0]}
+    if config.qlinear_8bit and config.qlinear:
+        report["linear_8bit"] = sum(
+            1 for n, _ in linears if n != head and _linear_plan(n, head, config)[0] != config.qlinear
+        )
     if report:
         logger.info("Quantized: %s", report)
     return report

@@ -15,7 +15,7 @@ from torch import nn
 from transformers.cache_utils import Cache
 
 from . import rope
-from .attention import StaticKVCache, register_attention
+from .attention import LayerKV, StaticKVCache, register_attention
 
 logger = logging.getLogger(__name__)
 
@@ -64,43 +64,77 @@ class ExportableCausalLM(nn.Module):
     """A causal LM with a static in-place KV cache and last-position logits.
 
     Args:
-        model: a transformers ``*ForCausalLM`` in eval mode, already in its final dtype.
+        model: a transformers ``*ForCausalLM`` in eval mode.
         max_seq_len: positions in the KV cache (the whole context).
+        kv_cache_dtype: ``None`` to cache keys/values in the model's dtype, ``"int8"`` to quantize
+            them per token and head (see :mod:`.attention`).
+        logits: ``"last"`` (default) returns the last position's logits, ``"all"`` every position's
+            (an evaluation program: ``[1, S, vocab]``).
 
     ``forward(input_ids, cache_position)`` takes ``input_ids`` ``[1, S]`` (int64) and
     ``cache_position`` ``[S]`` (int64, consecutive, starting at the number of tokens already in the
-    cache) and returns float32 logits ``[1, vocab]`` for the last position.
+    cache) and returns float32 logits ``[1, vocab]`` for the last position (``[1, S, vocab]`` with
+    ``logits="all"``).
     """
 
-    def __init__(self, model: nn.Module, max_seq_len: int):
+    def __init__(
+        self, model: nn.Module, max_seq_len: int, kv_cache_dtype: str | None = None, logits: str = "last"
+    ):
         super().__init__()
         self.model = model
         self.max_seq_len = max_seq_len
+        self.kv_cache_dtype = kv_cache_dtype
+        self.all_logits = logits == "all"
         layout, rotary_widths = probe_model(model)
         self.layer_ids = sorted(layout)
+        quantized = kv_cache_dtype == "int8"
         for idx in self.layer_ids:
             k_shape, v_shape, dtype = layout[idx]
+            cache_dtype = torch.int8 if quantized else dtype
             # [B, H, 1, D] -> cache [1, max_seq_len, H, D]
-            self.register_buffer(f"k_cache_{idx}", torch.zeros(1, max_seq_len, k_shape[1], k_shape[3], dtype=dtype))
-            self.register_buffer(f"v_cache_{idx}", torch.zeros(1, max_seq_len, v_shape[1], v_shape[3], dtype=dtype))
+            for name, shape in (("k", k_shape), ("v", v_shape)):
+                self.register_buffer(
+                    f"{name}_cache_{idx}", torch.zeros(1, max_seq_len, shape[1], shape[3], dtype=cache_dtype)
+                )
+                if quantized:
+                    self.register_buffer(f"{name}_scales_{idx}", torch.ones(1, max_seq_len, shape[1], 1))
+                    self.register_buffer(
+                        f"{name}_zeros_{idx}", torch.zeros(1, max_seq_len, shape[1], 1, dtype=torch.int8)
+                    )
         for width in sorted(rotary_widths):
             self.register_buffer(rope.buffer_name(width), rope.rotation_matrix(width), persistent=False)
         model.config._attn_implementation = register_attention()
         logger.debug("KV cache: %d layers, %s", len(self.layer_ids), {i: tuple(layout[i][0]) for i in self.layer_ids})
+
+    def to_dtype(self, dtype: torch.dtype) -> "ExportableCausalLM":
+        """Cast weights, float caches and rope matrices to ``dtype``; int8 caches and their float32
+        quantization scales stay as they are."""
+        self.model.to(dtype)
+        for name, buf in list(self.named_buffers(recurse=False)):
+            if buf.is_floating_point() and "_scales_" not in name:
+                setattr(self, name, buf.to(dtype))
+        return self
 
     def for_export(self):
         """Context manager: inside it, RoPE's ``rotate_half`` runs as a delegable matmul."""
         return rope.swap_rotate_half(self.model, rope.matmul_rotate_half(self))
 
     def kv_cache_bytes(self) -> int:
-        """Bytes of all key/value buffers."""
-        return sum(b.numel() * b.element_size() for n, b in self.named_buffers() if "_cache_" in n)
+        """Bytes of all key/value buffers (and their quantization parameters)."""
+        return sum(
+            b.numel() * b.element_size()
+            for n, b in self.named_buffers()
+            if n.split("_")[1] in ("cache", "scales", "zeros")
+        )
 
     def _cache(self) -> StaticKVCache:
-        n = max(self.layer_ids) + 1
-        keys = [getattr(self, f"k_cache_{i}", None) for i in range(n)]
-        values = [getattr(self, f"v_cache_{i}", None) for i in range(n)]
-        return StaticKVCache(keys, values)
+        layers: list[LayerKV | None] = [None] * (max(self.layer_ids) + 1)
+        for i in self.layer_ids:
+            extra = {}
+            if self.kv_cache_dtype == "int8":
+                extra = {f"{kv}_{part}": getattr(self, f"{kv}_{part}_{i}") for kv in "kv" for part in ("scales", "zeros")}
+            layers[i] = LayerKV(getattr(self, f"k_cache_{i}"), getattr(self, f"v_cache_{i}"), **extra)
+        return StaticKVCache(layers)
 
     def forward(self, input_ids: torch.Tensor, cache_position: torch.Tensor) -> torch.Tensor:
         """Run ``input_ids`` at ``cache_position``; return last-position logits ``[1, vocab]``."""
@@ -115,7 +149,9 @@ class ExportableCausalLM(nn.Module):
             position_ids=cache_position.unsqueeze(0),
             past_key_values=cache,
             use_cache=True,
-            logits_to_keep=1,
+            logits_to_keep=0 if self.all_logits else 1,
             et_cache=cache,
         )
+        if self.all_logits:
+            return out.logits.float()  # [1, S, V]
         return out.logits[:, -1, :].float()  # [1, V]
