@@ -144,6 +144,7 @@ def main() -> None:
     parser.add_argument("--cache-dir", type=Path, default=ROOT / ".demo" / "et-cache")
     parser.add_argument("--llamacpp", action="store_true", help="add llama.cpp rows (builds it once, ~12 min)")
     parser.add_argument("--write", action="store_true", help="write the table into README.md and model_cards/")
+    parser.add_argument("--note", default="", help="a sentence appended to the table's caption")
     parser.add_argument("--json", type=Path, help="also save the rows as JSON here")
     args = parser.parse_args()
 
@@ -178,8 +179,8 @@ def main() -> None:
     meta = (
         f"SmolLM2-135M-Instruct (weights of the Q4_1 GGUF, dequantized), {ids.shape[1]}-token English "
         f"text in {args.window}-token windows, teacher-forced; speed: prompt 128 + 128 new tokens, greedy, "
-        f"median of {args.runs} warm runs, 2 threads, `OMP_NUM_THREADS=1`. Produced by `benchmarks/quality.py`."
-    )
+        f"median of {args.runs} warm runs, 2 threads, `OMP_NUM_THREADS=1`. Produced by `benchmarks/quality.py`. {args.note}"
+    ).strip()
     table = render(rows, base_ppl, meta)
     print(table)
     if args.json:
