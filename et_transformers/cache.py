@@ -144,8 +144,7 @@ class ArtifactCache:
         versions = stack_versions()
         payload = {
             "source": self.source_identity(source),
-            # fields at their default are left out, so adding a field later keeps existing keys valid
-            "export_config": export_config.non_default_fields(),
+            "export_config": export_config.to_dict(),
             "versions": {k: versions.get(k) for k in _KEY_PACKAGES},
         }
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()

@@ -69,12 +69,12 @@ def _check_backend_support(cfg: "ExportConfig") -> None:
     folded back to float at export).
     """
     scheme, gs = cfg.qlinear, cfg.qlinear_group_size
-    if cfg.backend == "xnnpack" and cfg.qhead in ("4w", "8w"):
-        raise InvalidConfigError(
-            f"qhead={cfg.qhead!r} cannot run on backend='xnnpack' (no float-activation x integer-weight "
-            f"linear); use qhead='8da{cfg.qhead[0]}w', None (float) or 'same'."
-        )
     if cfg.backend == "xnnpack":
+        if cfg.qhead in ("4w", "8w"):
+            raise InvalidConfigError(
+                f"qhead={cfg.qhead!r} cannot run on backend='xnnpack' (no float-activation x integer-weight "
+                f"linear); use qhead='8da{cfg.qhead[0]}w', None (float) or 'same'."
+            )
         if scheme in ("4w", "8w"):
             raise InvalidConfigError(
                 f"qlinear={scheme!r} cannot run on backend='xnnpack': XNNPACK has no linear with float "
@@ -203,15 +203,10 @@ class ExportConfig:
         return getattr(torch, self.dtype)
 
     def to_dict(self) -> dict[str, Any]:
-        """Return the fields as a JSON-serialisable dict (used in manifests)."""
+        """Return the fields as a JSON-serialisable dict (used in manifests and cache keys)."""
         data = dataclasses.asdict(self)
         data["qlinear_8bit"] = list(self.qlinear_8bit)
         return data
-
-    def non_default_fields(self) -> dict[str, Any]:
-        """The :meth:`to_dict` entries whose value differs from the field's default (cache keys)."""
-        default = ExportConfig().to_dict()
-        return {k: v for k, v in self.to_dict().items() if v != default[k]}
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> "ExportConfig":

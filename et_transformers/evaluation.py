@@ -54,14 +54,21 @@ def windows(input_ids: torch.Tensor, size: int) -> list[torch.Tensor]:
     return [input_ids[:, s : s + size] for s in range(0, n, size) if min(size, n - s) >= 2]
 
 
-def _score(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, float]:
-    logits = logits.float()
-    nll = float(torch.nn.functional.cross_entropy(logits, targets, reduction="sum"))
-    return logits.argmax(-1), nll
+def _evaluate(input_ids: torch.Tensor, window: int, logits_of) -> Evaluation:
+    """Score every window: ``logits_of(chunk[:, :-1])`` gives the logits ``[n-1, vocab]`` that
+    predict ``chunk[0, 1:]``."""
+    predictions, nll = [], 0.0
+    for chunk in windows(input_ids, window):
+        logits = logits_of(chunk[:, :-1]).float()
+        nll += float(torch.nn.functional.cross_entropy(logits, chunk[0, 1:], reduction="sum"))
+        predictions.append(logits.argmax(-1))
+    preds = torch.cat(predictions)
+    return Evaluation(preds, nll, preds.numel())
 
 
 def evaluate_program(program, input_ids: torch.Tensor, window: int) -> Evaluation:
-    """Teacher-force ``input_ids`` through an exported :class:`~et_transformers.runtime.Program`.
+    """Teacher-force ``input_ids`` through an exported :class:`~et_transformers.runtime.Program`
+    (its ``forward_all``: one call per window on an evaluation program, one per token otherwise).
 
     Raises:
         ValueError: ``window`` exceeds the program's context.
@@ -71,28 +78,10 @@ def evaluate_program(program, input_ids: torch.Tensor, window: int) -> Evaluatio
             f"window={window} exceeds the program's context of {program.metadata.max_context_len} tokens; "
             f"use a smaller window or export with a larger max_seq_len."
         )
-    predictions, nll = [], 0.0
-    for chunk in windows(input_ids, window):
-        if program.metadata.all_logits:
-            logits = program.forward_all(chunk[:, :-1], 0)[0]
-        else:
-            tokens = chunk[0].tolist()
-            logits = torch.cat([program.decode(tokens[p], p) for p in range(len(tokens) - 1)])
-        argmax, chunk_nll = _score(logits, chunk[0, 1:])
-        predictions.append(argmax)
-        nll += chunk_nll
-    preds = torch.cat(predictions)
-    return Evaluation(preds, nll, preds.numel())
+    return _evaluate(input_ids, window, lambda ids: program.forward_all(ids, 0)[0])
 
 
 def evaluate_eager(model, input_ids: torch.Tensor, window: int) -> Evaluation:
     """Teacher-force ``input_ids`` through an eager transformers causal LM (same windows)."""
-    predictions, nll = [], 0.0
     with torch.no_grad():
-        for chunk in windows(input_ids, window):
-            logits = model(chunk).logits[0, :-1]
-            argmax, chunk_nll = _score(logits, chunk[0, 1:])
-            predictions.append(argmax)
-            nll += chunk_nll
-    preds = torch.cat(predictions)
-    return Evaluation(preds, nll, preds.numel())
+        return _evaluate(input_ids, window, lambda ids: model(ids).logits[0])

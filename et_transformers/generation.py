@@ -180,7 +180,6 @@ class Generator:
                 token = int(np.argmax(scores.float().numpy()))  # single-threaded: cheaper than torch's here
             ids_buffer[0, length] = token
             length += 1
-            ids = ids_buffer[:, :length]
             stats.generated_tokens += 1
             if t_first is None:
                 t_first = time.perf_counter()
@@ -191,7 +190,7 @@ class Generator:
             if simple_stop is not None:
                 if length >= simple_stop[0] or token in simple_stop[1]:
                     break
-            elif bool(criteria(ids, scores).all()):
+            elif bool(criteria(ids_buffer[:, :length], scores).all()):
                 break
             if pos >= context:
                 warnings.warn(

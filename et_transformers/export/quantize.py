@@ -222,6 +222,7 @@ def quantize_model(model: nn.Module, config: ExportConfig) -> dict[str, dict]:
     # embeddings first: quantizing the head must not change a tied embedding's float weight under it
     embeddings = [(n, m) for n, m in model.named_modules() if type(m) is nn.Embedding] if config.qembedding else []
     linears = [(n, m) for n, m in model.named_modules() if type(m) is nn.Linear]
+    head_scheme, eight_bit = None, 0
     for kind, targets in (("embedding", embeddings), ("linear", linears)):
         fallbacks: list[str] = []
         done = 0
@@ -229,6 +230,10 @@ def quantize_model(model: nn.Module, config: ExportConfig) -> dict[str, dict]:
             weight = module.weight
             if kind == "linear":
                 scheme, requested = _linear_plan(name, head, config)
+                if name == head:
+                    head_scheme = scheme
+                elif scheme != config.qlinear:
+                    eight_bit += 1
                 if scheme is None:
                     continue
                 group = _group_size_for(name, weight.shape[1], requested, scheme, fallbacks)
@@ -253,12 +258,10 @@ def quantize_model(model: nn.Module, config: ExportConfig) -> dict[str, dict]:
             )
         if done:
             report[kind] = {"grouped": done - len(fallbacks), "per_channel_fallback": len(fallbacks)}
-    if head is not None and _linear_plan(head, head, config)[0] is not None:
-        report["head"] = {"name": head, "scheme": _linear_plan(head, head, config)[0]}
+    if head_scheme is not None:
+        report["head"] = {"name": head, "scheme": head_scheme}
     if config.qlinear_8bit and config.qlinear:
-        report["linear_8bit"] = sum(
-            1 for n, _ in linears if n != head and _linear_plan(n, head, config)[0] != config.qlinear
-        )
+        report["linear_8bit"] = eight_bit
     if report:
         logger.info("Quantized: %s", report)
     return report
