@@ -21,8 +21,10 @@ demo: $(STAMP)
 	$(VENV)/bin/et-transformers generate $(DEMO_DIR)/SmolLM2-135M-Instruct.Q4_1.gguf --chat --stats \
 		--max-new-tokens 64 "What is the capital of France?"
 
+# Two workers, one test file each at a time: the real-model file (its exports are the long pole)
+# runs on one worker while the tiny-model files share the other (see tests/conftest.py).
 test: $(STAMP)
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n 2 --dist loadfile
 
 clean:
 	rm -rf $(VENV) $(DEMO_DIR) .pytest_cache

@@ -21,6 +21,12 @@ import tiny  # noqa: E402
 DEMO_DIR = Path(os.environ.get("ET_TRANSFORMERS_DEMO_DIR", ROOT / ".demo"))
 
 
+def pytest_collection_modifyitems(session, config, items):
+    """Real-model tests first: under ``pytest -n 2 --dist loadfile`` (``make test``) their file, the
+    longest, then starts at once on one worker while the other takes the tiny-model files."""
+    items.sort(key=lambda item: item.path.name != "test_real_model.py")
+
+
 @pytest.fixture(autouse=True)
 def _isolated_cache(tmp_path_factory, monkeypatch):
     """Never touch the user's real cache: point the default cache at a session folder."""
