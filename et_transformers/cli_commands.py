@@ -259,11 +259,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
             bar.set_postfix_str(name)
 
         results = compare(spec, progress=step)
-    folder = model.pte_path.parent
     if args.json:
         print(json.dumps({"spec": dataclasses.asdict(spec), "results": [r.as_dict() for r in results]}, indent=2))
         return 0
-    print(f"{model.pte_path} ({folder.name}): prompt {spec.prompt_tokens} tokens, {spec.new_tokens} new tokens, "
+    print(f"{args.model} ({model.pte_path}): prompt {spec.prompt_tokens} tokens, {spec.new_tokens} new tokens, "
           f"greedy, median of {spec.runs} warm runs, each contender in its own process")
     print(bench_table(results))
     return 0
