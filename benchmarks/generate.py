@@ -12,10 +12,7 @@ Run:  python benchmarks/generate.py [--pte DIR] [--runs 3] [--peer-python /path/
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
-import os
-import statistics
 import subprocess
 import sys
 import time
@@ -36,20 +33,14 @@ TEXT = ROOT / "benchmarks" / "data" / "eval_text.txt"
 
 def prompt_ids(tokenizer, n: int) -> torch.Tensor:
     """Exactly ``n`` tokens of English text (repeated if needed)."""
-    text = TEXT.read_text() if TEXT.exists() else "The history of the city begins long before records. " * 40
-    ids = tokenizer(text, return_tensors="pt").input_ids[:, :n]
-    while ids.shape[1] < n:
-        ids = torch.cat([ids, ids], dim=1)[:, :n]
-    return ids
+    from et_transformers.bench import DEFAULT_TEXT
+    from et_transformers.bench import prompt_ids as cut
 
-
-def bench_ours(model, ids, new_tokens):
-    model.generate(ids, max_new_tokens=new_tokens, do_sample=False, eos_token_id=None)
-    s = model.stats
-    return s.prefill_tokens_per_s, s.decode_tokens_per_s, s.generated_tokens
+    return cut(tokenizer, n, TEXT.read_text() if TEXT.exists() else DEFAULT_TEXT)
 
 
 def bench_bare_loop(program, ids, new_tokens):
+    """The floor: prefill + greedy decode straight on the runtime, no generate() machinery."""
     t0 = time.perf_counter()
     logits = program.forward(ids, 0)
     token = int(logits.argmax())
@@ -60,52 +51,7 @@ def bench_bare_loop(program, ids, new_tokens):
         token = int(logits.argmax())
         pos += 1
     t2 = time.perf_counter()
-    return ids.shape[1] / (t1 - t0), (new_tokens - 1) / (t2 - t1), new_tokens
-
-
-@contextlib.contextmanager
-def stdout_silenced():
-    """The C++ runner prints every token (and a report) to the process's stdout: hide it."""
-    sys.stdout.flush()
-    saved = os.dup(1)
-    devnull = os.open(os.devnull, os.O_WRONLY)
-    os.dup2(devnull, 1)
-    try:
-        yield
-    finally:
-        os.dup2(saved, 1)
-        os.close(saved)
-        os.close(devnull)
-
-
-def bench_cpp_runner(runner, GenerationConfig, text, new_tokens):
-    stats = {}
-
-    def on_stats(s):
-        stats.update(json.loads(s.to_json_string()))
-
-    config = GenerationConfig(max_new_tokens=new_tokens, temperature=0.0, echo=False)
-    if hasattr(config, "ignore_eos"):
-        config.ignore_eos = True
-    with stdout_silenced():
-        runner.generate(text, config, lambda piece: None, on_stats)
-    runner.reset()
-    prefill_s = (stats["prompt_eval_end_ms"] - stats["inference_start_ms"]) / 1000
-    decode_s = (stats["inference_end_ms"] - stats["prompt_eval_end_ms"]) / 1000
-    generated = stats["generated_tokens"]
-    return stats["prompt_tokens"] / prefill_s, (generated - 1) / decode_s if decode_s else None, generated
-
-
-def interleaved_medians(contenders: dict, runs: int) -> dict:
-    """Run each contender once per round, ``runs`` rounds (so drift hits all alike); medians."""
-    results = {name: [] for name in contenders}
-    for _ in range(runs):
-        for name, fn in contenders.items():
-            results[name].append(fn())
-    return {
-        name: (statistics.median(r[0] for r in rs), statistics.median(r[1] for r in rs if r[1]), rs[0][2])
-        for name, rs in results.items()
-    }
+    return ids.shape[1] / (t1 - t0), (new_tokens - 1) / (t2 - t1), t1 - t0, new_tokens
 
 
 def main() -> None:
@@ -121,6 +67,7 @@ def main() -> None:
     from executorch.extension.llm.runner import GenerationConfig, TextLLMRunner
 
     from et_transformers import ETModelForCausalLM, ExportConfig
+    from et_transformers.bench import interleaved_medians, measure_cpp_runner, measure_ours
     from et_transformers.runtime import load_kernel_libraries
 
     if args.pte:
@@ -141,9 +88,9 @@ def main() -> None:
     load_kernel_libraries()
     runner = TextLLMRunner(str(folder / "model.pte"), str(folder / "tokenizer.json"))
     contenders = {
-        "et_transformers generate()": lambda: bench_ours(model, ids, n),
+        "et_transformers generate()": lambda: measure_ours(model, ids, n),
         "bare runtime loop": lambda: bench_bare_loop(model.program, ids, n),
-        "ExecuTorch C++ TextLLMRunner": lambda: bench_cpp_runner(runner, GenerationConfig, text, n),
+        "ExecuTorch C++ TextLLMRunner": lambda: measure_cpp_runner(runner, GenerationConfig, text, n),
     }
     for fn in contenders.values():  # warm-up (the C++ runner loads its own copy of the program)
         fn()
@@ -156,13 +103,13 @@ def main() -> None:
         )
         if peer.returncode == 0:
             r = json.loads(peer.stdout.strip().splitlines()[-1])
-            rows["optimum-executorch (its own export)"] = (r["prefill"], r["decode"], r["generated"])
+            rows["optimum-executorch (its own export)"] = (r["prefill"], r["decode"], None, r["generated"])
         else:
             print("peer benchmark failed:", peer.stderr[-2000:], file=sys.stderr)
 
     ours = rows["et_transformers generate()"]
     result = {name: {"prefill_tok_s": round(p, 1), "decode_tok_s": round(d, 1), "generated": g}
-              for name, (p, d, g) in rows.items()}
+              for name, (p, d, _, g) in rows.items()}
     cpp = rows["ExecuTorch C++ TextLLMRunner"]
     ratios = {"ours/cpp_runner": (round(ours[0] / cpp[0], 2), round(ours[1] / cpp[1], 2))}
     if "optimum-executorch (its own export)" in rows:

@@ -1,7 +1,7 @@
 """et_transformers: run Hugging Face causal language models on ExecuTorch with the transformers API.
 
 Public surface: :class:`ETModelForCausalLM`, :class:`ExportConfig`, :func:`export_to_pte`,
-:class:`Exporter`, :class:`GenerationStats` and the errors.
+:class:`Exporter`, :class:`GenerationStats`, :class:`ChatSession` and the errors.
 Heavy modules load lazily, so ``import et_transformers`` is cheap and loading an exported model
 never imports the export stack.
 """
@@ -13,6 +13,7 @@ from typing import Any
 from .config import ExportConfig
 from .errors import (
     CacheError,
+    ContextFullError,
     ETTransformersError,
     ExportError,
     HubError,
@@ -29,10 +30,13 @@ _LAZY = {
     "Exporter": "et_transformers.export",
     "ETModelForCausalLM": "et_transformers.modeling",
     "GenerationStats": "et_transformers.generation",
+    "ChatSession": "et_transformers.chat",
 }
 
 __all__ = [
     "CacheError",
+    "ChatSession",
+    "ContextFullError",
     "ETModelForCausalLM",
     "ETTransformersError",
     "ExportConfig",

@@ -1,20 +1,24 @@
-"""The ``et-transformers`` command line: builds the same dataclasses as the Python API and calls it.
+"""The ``et-transformers`` command line: the parser and the entry point.
 
-Each subcommand is a small function over :class:`~et_transformers.modeling.ETModelForCausalLM`
-and friends; options map one-to-one onto ``ExportConfig`` fields and ``generate()`` keywords, and
-all validation is theirs (nothing is checked twice here). Errors print as one line on stderr with
-a non-zero exit; ``--verbose`` shows logs and tracebacks.
+Subcommands: ``export``, ``generate``, ``chat``, ``inspect``, ``profile``, ``bench`` and ``cache``.
+This module only parses: each subcommand's options map one-to-one onto ``ExportConfig`` fields and
+``generate()`` keywords (validated by them, never here), and :mod:`.cli_commands` runs the command
+through the Python API; :mod:`.cli_output` formats the results. Long work shows tqdm bars on a
+terminal only; logs appear with ``--verbose``. Errors print as one line on stderr with a non-zero
+exit; ``--verbose`` adds the traceback.
 """
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import logging
+import os
+import re
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from . import cli_commands as commands
 from .config import (
     BACKENDS,
     DEFAULT_RECIPE,
@@ -24,13 +28,28 @@ from .config import (
     QEMBEDDING_SCHEMES,
     QLINEAR_SCHEMES,
     RECIPES,
-    ExportConfig,
 )
-from .config import recipe as make_recipe
 from .errors import ETTransformersError
 from .threads import prefer_single_threaded_blas
 
 logger = logging.getLogger(__name__)
+
+PROG = "et-transformers"
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line errors (``et-transformers: error: ...``) instead of usage dumps, and
+    no abbreviated options: a typo such as ``--max-new-token`` is an error, not a silent match."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
+
+    def error(self, message: str):
+        self.exit(2, f"{PROG}: error: {message} (see '{self.prog} --help')\n")
+
+
+# -- options ----------------------------------------------------------------------------------
 
 
 def _group_size(text: str) -> int | str:
@@ -55,20 +74,10 @@ def _add_export_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--logits", choices=LOGITS_MODES, help="'all' builds an evaluation program")
 
 
-def _export_overrides(args: argparse.Namespace) -> dict:
-    """The ``ExportConfig`` fields given on the command line (``none`` means ``None``)."""
-    overrides = {}
-    for f in dataclasses.fields(ExportConfig):
-        value = getattr(args, f.name, None)
-        if isinstance(value, list):
-            value = tuple(value)
-        if value is not None:
-            overrides[f.name] = None if value == "none" else value
-    return overrides
-
-
-def _add_load_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("model", help="Hub id, model folder, .gguf file, or exported model folder")
+def _add_load_options(
+    p: argparse.ArgumentParser, what: str = "Hub id, model folder, .gguf file, or exported model folder"
+) -> None:
+    p.add_argument("model", help=what)
     p.add_argument("--revision", help="Hub branch, tag or commit")
     p.add_argument("--gguf-file", help="GGUF file inside the folder or repository")
     p.add_argument("--cache-dir", help="root of downloads and exported artifacts")
@@ -78,140 +87,160 @@ def _add_load_options(p: argparse.ArgumentParser) -> None:
     _add_export_options(p)
 
 
-def _load(args: argparse.Namespace):
-    from .modeling import ETModelForCausalLM
-
-    return ETModelForCausalLM.from_pretrained(
-        args.model,
-        recipe=args.recipe,
-        revision=args.revision,
-        gguf_file=args.gguf_file,
-        cache_dir=args.cache_dir,
-        local_files_only=args.offline,
-        force_export=args.force_export,
-        trust_remote_code=args.trust_remote_code,
-        **_export_overrides(args),
-    )
-
-
-def _add_sampling_options(p: argparse.ArgumentParser) -> None:
+def _add_sampling_options(p: argparse.ArgumentParser, max_new_tokens: int = 128) -> None:
     g = p.add_argument_group("generation options (GenerationConfig fields)")
-    g.add_argument("--max-new-tokens", type=int, default=128, help="new tokens to generate at most")
+    g.add_argument("--max-new-tokens", type=int, default=max_new_tokens,
+                   help=f"new tokens to generate at most (default {max_new_tokens})")
     g.add_argument("--do-sample", action="store_true", help="sample instead of greedy decoding")
-    g.add_argument("--temperature", type=float)
-    g.add_argument("--top-k", type=int)
-    g.add_argument("--top-p", type=float)
-    g.add_argument("--min-p", type=float)
-    g.add_argument("--repetition-penalty", type=float)
+    g.add_argument("--temperature", type=float, help="softmax temperature when sampling")
+    g.add_argument("--top-k", type=int, help="sample among the k most likely tokens")
+    g.add_argument("--top-p", type=float, help="sample within the top-p probability mass")
+    g.add_argument("--min-p", type=float, help="drop tokens below min-p x the top probability")
+    g.add_argument("--repetition-penalty", type=float, help="penalise tokens already in the text")
     g.add_argument("--seed", type=int, help="torch.manual_seed before sampling")
 
 
-def _generation_kwargs(args: argparse.Namespace) -> dict:
-    kwargs = {"max_new_tokens": args.max_new_tokens}
-    if args.do_sample:
-        kwargs["do_sample"] = True
-    for name in ("temperature", "top_k", "top_p", "min_p", "repetition_penalty"):
-        if getattr(args, name) is not None:
-            kwargs[name] = getattr(args, name)
-    return kwargs
+_SIZE_UNITS = {"": 1, "k": 2**10, "m": 2**20, "g": 2**30, "t": 2**40}
+_AGE_UNITS = {"s": 1, "m": 60, "min": 60, "h": 3600, "d": 86400, "w": 604800}
 
 
-# -- subcommands ---------------------------------------------------------------------------
+def _size(text: str) -> int:
+    """``500M``, ``2G``, ``1.5GiB`` -> bytes."""
+    m = re.fullmatch(r"\s*([\d.]+)\s*([kmgt]?)(i?b)?\s*", text.lower())
+    if not m:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a size like 500M or 2G")
+    return int(float(m.group(1)) * _SIZE_UNITS[m.group(2)])
 
 
-def cmd_export(args: argparse.Namespace) -> int:
-    """Export a model to a folder (model.pte + manifest + tokenizer files)."""
-    from .export import Exporter
-
-    exporter = Exporter.from_pretrained(
-        args.model,
-        make_recipe(args.recipe or DEFAULT_RECIPE, **_export_overrides(args)),
-        revision=args.revision,
-        gguf_file=args.gguf_file,
-        cache_dir=args.cache_dir,
-        local_files_only=args.offline,
-        trust_remote_code=args.trust_remote_code,
-        progress=None,
-    )
-    pte = exporter.run(args.output)
-    info = exporter.delegation_summary()
-    size_mb = pte.stat().st_size / 2**20
-    print(f"{pte}  {size_mb:.1f} MiB  {sum(exporter.timings.values()):.0f} s")
-    print(
-        f"delegation: {info.num_delegated_subgraphs} delegated subgraphs, {info.num_delegated_nodes} "
-        f"delegated nodes, {info.num_non_delegated_nodes} non-delegated nodes"
-    )
-    return 0
+def _age(text: str) -> float:
+    """``30d``, ``12h``, ``90min`` -> seconds."""
+    m = re.fullmatch(r"\s*([\d.]+)\s*(s|m|min|h|d|w)\s*", text.lower())
+    if not m:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an age like 30d, 12h or 90min")
+    return float(m.group(1)) * _AGE_UNITS[m.group(2)]
 
 
-def cmd_generate(args: argparse.Namespace) -> int:
-    """Generate text for a prompt, streaming tokens as they are produced."""
-    import torch
-    from transformers import TextStreamer
-
-    model = _load(args)
-    tok = model.tokenizer
-    if tok is None:
-        raise ETTransformersError(f"{args.model} has no tokenizer; cannot encode a text prompt.")
-    if args.chat:
-        ids = tok.apply_chat_template(
-            [{"role": "user", "content": args.prompt}], add_generation_prompt=True, return_tensors="pt",
-            return_dict=True,
-        )["input_ids"]
-    else:
-        ids = tok(args.prompt, return_tensors="pt").input_ids
-    if args.seed is not None:
-        torch.manual_seed(args.seed)
-    streamer = TextStreamer(tok, skip_prompt=True, skip_special_tokens=True)
-    model.generate(ids, streamer=streamer, **_generation_kwargs(args))
-    if args.stats:
-        print(model.stats.summary(), file=sys.stderr)
-    return 0
+# -- parser -----------------------------------------------------------------------------------
 
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of ``et-transformers``."""
-    parser = argparse.ArgumentParser(
-        prog="et-transformers",
-        description="Run Hugging Face causal LMs on ExecuTorch: export, generate, inspect.",
+    verbose = _Parser(add_help=False)
+    verbose.add_argument("--verbose", "-v", action="store_true", default=argparse.SUPPRESS,
+                         help="show logs, and tracebacks on errors")
+    parser = _Parser(
+        prog=PROG,
+        description="Run Hugging Face causal LMs on ExecuTorch: export, generate, chat, inspect, profile, bench.",
     )
-    parser.add_argument("--verbose", "-v", action="store_true", help="show logs and tracebacks")
+    parser.add_argument("--verbose", "-v", action="store_true", help="show logs, and tracebacks on errors")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    p = sub.add_parser("export", help="export a model to a .pte folder")
-    _add_load_options(p)
-    p.add_argument("-o", "--output", required=True, type=Path, help="output folder")
-    p.set_defaults(func=cmd_export)
+    def command(name: str, func, help: str, **kwargs) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help, description=help, parents=[verbose], **kwargs)
+        p.set_defaults(func=func)
+        return p
 
-    p = sub.add_parser("generate", help="generate text for a prompt (streams)")
+    p = command("export", commands.cmd_export, "export a model to a .pte folder (or into the cache)")
+    _add_load_options(p, "Hub id, model folder or .gguf file")
+    p.add_argument("-o", "--output", type=Path, help="output folder (default: the cache from_pretrained uses)")
+    p.add_argument("--etrecord", action="store_true", help="also write etrecord.bin (names operators in 'profile')")
+
+    p = command("generate", commands.cmd_generate, "generate text for a prompt, streaming it")
     _add_load_options(p)
     p.add_argument("prompt", help="the prompt text")
-    p.add_argument("--chat", action="store_true", help="apply the tokenizer's chat template")
-    p.add_argument("--stats", action="store_true", help="print TTFT and prefill/decode tok/s")
+    p.add_argument("--chat", action="store_true", help="apply the tokenizer's chat template to the prompt")
+    p.add_argument("--stats", action="store_true", help="print TTFT, prefill/decode tok/s and peak RSS")
     _add_sampling_options(p)
-    p.set_defaults(func=cmd_generate)
+
+    p = command("chat", commands.cmd_chat, "interactive multi-turn chat (the KV cache is kept across turns)")
+    _add_load_options(p)
+    p.add_argument("--system", help="system prompt opening the conversation")
+    p.add_argument("--stats", action="store_true", help="print each turn's figures (TTFT, tokens prefilled)")
+    _add_sampling_options(p, max_new_tokens=256)
+
+    p = command("inspect", commands.cmd_inspect, "methods, metadata, size and delegation table of a program")
+    _add_load_options(p, "a .pte file, a folder holding model.pte, or a model (exported/cached first)")
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+
+    p = command("profile", commands.cmd_profile, "profile one generation with ETDump + the Inspector")
+    _add_load_options(p)
+    p.add_argument("prompt", nargs="?", default="Once upon a time", help="the prompt (default: %(default)r)")
+    p.add_argument("--chat", action="store_true", help="apply the tokenizer's chat template to the prompt")
+    p.add_argument("--etdump", type=Path, help="keep the raw ETDump in this file")
+    p.add_argument("--etrecord", type=Path, help="ETRecord to link (default: etrecord.bin beside the .pte)")
+    p.add_argument("--top", type=int, default=25, help="operator rows to show (default %(default)s)")
+    _add_sampling_options(p, max_new_tokens=32)
+
+    p = command("bench", commands.cmd_bench,
+                "speed and memory: ours vs eager transformers vs ExecuTorch's C++ runner vs llama.cpp")
+    _add_load_options(p)
+    p.add_argument("--prompt-tokens", type=int, default=128, help="prompt length (default %(default)s)")
+    p.add_argument("--new-tokens", type=int, default=128, help="tokens to generate (default %(default)s)")
+    p.add_argument("--runs", type=int, default=3, help="measured runs per contender, after a warm-up")
+    p.add_argument("--gguf", help="GGUF of the same model for the llama.cpp column (default: MODEL if a .gguf)")
+    p.add_argument("--llama-bench", help="llama-bench binary (default: on PATH)")
+    p.add_argument("--threads", type=int, help="threads for eager PyTorch and llama.cpp (default: all cores)")
+    p.add_argument("--contenders",
+                   help="comma-separated subset of: et_transformers,transformers,executorch-runner,llama.cpp")
+    p.add_argument("--json", action="store_true", help="print the results as JSON")
+
+    p = command("cache", commands.cmd_cache, "list, remove or prune exported models in the cache")
+    cache_sub = p.add_subparsers(dest="cache_command", required=True, metavar="ACTION")
+    c = cache_sub.add_parser("ls", help="list entries: model, config, size, last use", parents=[verbose])
+    c.add_argument("--json", action="store_true", help="print the entries as JSON")
+    c = cache_sub.add_parser("rm", help="remove entries by key prefix", parents=[verbose])
+    c.add_argument("keys", nargs="*", help="keys or key prefixes (at least 4 characters)")
+    c.add_argument("--all", action="store_true", help="remove every entry")
+    c = cache_sub.add_parser("prune", help="remove old or least recently used entries", parents=[verbose])
+    c.add_argument("--max-size", type=_size, help="keep the cache under this size (e.g. 2G), dropping LRU entries")
+    c.add_argument("--older-than", type=_age, help="remove entries unused for this long (e.g. 30d)")
+    for c in cache_sub.choices.values():
+        c.add_argument("--cache-dir", help="root of downloads and exported artifacts")
     return parser
+
+
+def _configure_output(verbose: bool) -> None:
+    """``--verbose``: every INFO log. Otherwise our warnings only, and no third-party chatter."""
+    logging.basicConfig(
+        level=logging.INFO if verbose else logging.ERROR, format="%(levelname)s %(name)s: %(message)s"
+    )
+    if verbose:
+        return
+    logging.getLogger("et_transformers").setLevel(logging.WARNING)
+    # Third-party progress bars are noise in a pipe (ours use tqdm, which checks for a terminal).
+    if not sys.stderr.isatty():
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+    import warnings
+
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", category=DeprecationWarning)
+    for module in ("torch", "torchao", "executorch", "transformers"):
+        warnings.filterwarnings("ignore", category=UserWarning, module=module)
+        logging.getLogger(module).setLevel(logging.ERROR)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``et-transformers``; returns the exit code."""
     prefer_single_threaded_blas()  # before torch loads: see et_transformers.threads
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    logging.basicConfig(
-        level=logging.INFO if args.verbose else logging.WARNING,
-        format="%(levelname)s %(name)s: %(message)s",
-    )
+    args = build_parser().parse_args(argv)
+    verbose = getattr(args, "verbose", False)
+    _configure_output(verbose)
     try:
         return args.func(args)
-    except (ETTransformersError, ValueError, FileNotFoundError) as e:
-        if args.verbose:
-            raise
-        print(f"et-transformers: error: {e}", file=sys.stderr)
-        return 2
     except KeyboardInterrupt:
-        print("et-transformers: interrupted", file=sys.stderr)
+        print(f"{PROG}: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        return 0  # `... | head`: the reader left
+    except Exception as e:  # the command line's boundary: one line, unless asked for the traceback
+        if verbose:
+            raise
+        known = isinstance(e, (ETTransformersError, ValueError, OSError))
+        message = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        hint = "" if known else f" ({type(e).__name__}; --verbose shows the traceback)"
+        print(f"{PROG}: error: {message}{hint}", file=sys.stderr)
+        return 2 if known else 1
 
 
 if __name__ == "__main__":

@@ -39,3 +39,7 @@ class ProgramError(ETTransformersError, RuntimeError):
 
 class HubError(ETTransformersError, RuntimeError):
     """A Hugging Face Hub operation (download, upload) failed."""
+
+
+class ContextFullError(ETTransformersError, ValueError):
+    """A conversation or prompt no longer fits the program's context (its KV cache length)."""

@@ -37,7 +37,7 @@ class GenerationStats:
     Attributes:
         load_time: wall time of loading the program, including the warm-up run.
         export_time: wall time of the export, when this load had to export.
-        prompt_tokens: prompt tokens processed (padding excluded), all rows.
+        prompt_tokens: prompt tokens prefilled (padding and tokens already cached excluded), all rows.
         generated_tokens: new tokens produced, all rows.
         time_to_first_token: from the start of ``generate()`` to the first new token of row 0.
         prefill_time: time spent in prefill forwards.
@@ -129,18 +129,33 @@ class Generator:
         )
 
     def generate(
-        self, default_generation_config, input_ids, streamer=None, **kwargs: Any
+        self, default_generation_config, input_ids, streamer=None, *, cached_prefix: int = 0, **kwargs: Any
     ) -> tuple[torch.LongTensor, GenerationStats]:
-        """Generate continuations of ``input_ids``; see ``ETModelForCausalLM.generate``."""
+        """Generate continuations of ``input_ids``; see ``ETModelForCausalLM.generate``.
+
+        Args:
+            cached_prefix: how many leading tokens of ``input_ids`` (one unpadded row) the program's
+                KV cache already holds at positions ``0 .. cached_prefix-1``, as the previous call
+                left them (a chat session's history). Only the rest is prefilled; everything else
+                (processors, criteria, the returned ids) sees the whole of ``input_ids``, so the
+                result is the one a full prefill gives. The caller vouches for the cache contents.
+        """
         t_start = time.perf_counter()
         plan_ = self.prepare(default_generation_config, input_ids, **kwargs)
         batch = plan_.input_ids.shape[0]
         if streamer is not None and batch > 1:
             raise ValueError(f"streaming supports one prompt at a time; got a batch of {batch}.")
+        if cached_prefix and (batch > 1 or not bool(plan_.attention_mask.all())):
+            raise ValueError("cached_prefix needs a single prompt without padding.")
+        if not 0 <= cached_prefix < plan_.input_ids.shape[-1]:
+            raise ValueError(
+                f"cached_prefix={cached_prefix} must leave at least one of the prompt's "
+                f"{plan_.input_ids.shape[-1]} tokens to prefill."
+            )
         stats = GenerationStats()
         if streamer is not None:
             streamer.put(plan_.input_ids.cpu())
-        rows = [self._generate_row(plan_, b, streamer, stats, t_start) for b in range(batch)]
+        rows = [self._generate_row(plan_, b, streamer, stats, t_start, cached_prefix) for b in range(batch)]
         if streamer is not None:
             streamer.end()
 
@@ -154,7 +169,9 @@ class Generator:
         stats.peak_rss_bytes = peak_rss_bytes()
         return out, stats
 
-    def _generate_row(self, plan_: GenerationPlan, b: int, streamer, stats, t_start) -> torch.Tensor:
+    def _generate_row(
+        self, plan_: GenerationPlan, b: int, streamer, stats, t_start, cached_prefix: int = 0
+    ) -> torch.Tensor:
         gc, criteria = plan_.generation_config, plan_.stopping_criteria
         processors = plan_.logits_processors[b]
         simple_stop = _simple_stop(criteria)  # (max_length, eos ids) when the criteria are just those
@@ -166,9 +183,9 @@ class Generator:
         ids_buffer[:, : prompt.shape[-1]] = prompt
         length = prompt.shape[-1]
         t0 = time.perf_counter()
-        logits = self.prefill(tokens)  # [1, V]
+        logits = self.prefill(tokens[:, cached_prefix:], cached_prefix)  # [1, V]
         stats.prefill_time += time.perf_counter() - t0
-        stats.prompt_tokens += tokens.shape[-1]
+        stats.prompt_tokens += tokens.shape[-1] - cached_prefix
         pos = tokens.shape[-1]
         t_first = None
         while True:

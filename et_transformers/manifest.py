@@ -21,6 +21,8 @@ from .errors import ProgramError
 
 MANIFEST_NAME = "manifest.json"
 PTE_NAME = "model.pte"
+#: The ETRecord ``export --etrecord`` writes beside the ``.pte`` (read by profiling).
+ETRECORD_NAME = "etrecord.bin"
 #: Bumped when the program's calling convention or the manifest schema changes.
 FORMAT_VERSION = 1
 

@@ -109,6 +109,9 @@ class Program:
         if "forward" not in self.method_names:
             raise ProgramError(f"{self.path} has no 'forward' method (methods: {list(self.method_names)}).")
         self.metadata = self._read_metadata()
+        #: ``forward`` executions so far: a caller that keeps state in the KV cache between calls
+        #: (a chat session) compares it to know whether anyone else has run the program since.
+        self.executions = 0
         warn_if_contended()
 
     def _constant(self, name: str):
@@ -162,6 +165,7 @@ class Program:
         self._check(input_ids, start_pos)
         n = input_ids.shape[-1]
         positions = torch.arange(start_pos, start_pos + n, dtype=torch.long)
+        self.executions += 1
         try:
             return self._module.forward((input_ids.reshape(1, n), positions))[0]
         except RuntimeError as e:
@@ -194,6 +198,7 @@ class Program:
         program's logits and ``pos`` is inside the context, so nothing is re-checked.
         """
         inputs = (torch.tensor([[token_id]], dtype=torch.long), torch.tensor([pos], dtype=torch.long))
+        self.executions += 1
         try:
             logits = self._module.forward(inputs)[0]
         except RuntimeError as e:

@@ -83,3 +83,34 @@ def run_python(code: str, env: dict | None = None, timeout: float = 600) -> subp
     return subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, env=full_env, timeout=timeout
     )
+
+
+def run_cli(*args: str, input: str | None = None, env: dict | None = None, timeout: float = 600):
+    """Run ``python -m et_transformers.cli ARGS`` (the real entry point) in a fresh interpreter."""
+    full_env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
+                **(env or {})}
+    return subprocess.run(
+        [sys.executable, "-m", "et_transformers.cli", *map(str, args)],
+        input=input, capture_output=True, text=True, env=full_env, timeout=timeout,
+    )
+
+
+@pytest.fixture(scope="session")
+def cli_export(tiny_llama_dir, tmp_path_factory):
+    """``et-transformers export`` of the tiny Llama (fp32, max_seq_len 128, with an ETRecord).
+
+    Returns ``(folder, completed process)``; the CLI, chat and example tests share this one export.
+    """
+    out = tmp_path_factory.mktemp("cli-export") / "tiny-fp32"
+    proc = run_cli("export", tiny_llama_dir, "-o", out, "--etrecord", "--recipe", "xnnpack-fp32",
+                   "--max-seq-len", "128")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return out, proc
+
+
+@pytest.fixture(scope="session")
+def cli_model(cli_export):
+    """The CLI export loaded in this process."""
+    from et_transformers import ETModelForCausalLM
+
+    return ETModelForCausalLM.from_pretrained(cli_export[0])

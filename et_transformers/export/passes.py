@@ -79,6 +79,13 @@ def mean_last_dim_as_4d(ep: ExportedProgram) -> int:
             as_4d = graph.call_function(aten.view.default, (x, [batch, -1, width, 1]))
             mean = graph.call_function(aten.mean.dim, (as_4d, [2, 3], True))
             back = graph.call_function(aten.view.default, (mean, [batch, -1, 1]))
+        # New nodes carry what later stages read: their fake values (ETRecord serialization needs
+        # them) and the source location of the mean they replace (profiling attributes time by it).
+        as_4d.meta["val"] = val.view(batch, -1, width, 1)
+        mean.meta["val"] = as_4d.meta["val"].mean(dim=[2, 3], keepdim=True)
+        back.meta["val"] = mean.meta["val"].view(batch, -1, 1)
+        for new in (as_4d, mean, back):
+            new.meta.update({k: node.meta[k] for k in ("nn_module_stack", "stack_trace") if k in node.meta})
         node.replace_all_uses_with(back)
         graph.erase_node(node)
         count += 1

@@ -32,7 +32,7 @@ from torch import nn
 from ..config import ExportConfig
 from ..errors import ExportError
 from ..hub import ModelSource, resolve
-from ..manifest import PTE_NAME, Manifest, sha256_file
+from ..manifest import ETRECORD_NAME, PTE_NAME, Manifest, sha256_file
 from .loading import LoadedModel, load_model
 from .lowering import lower
 from .passes import apply_xnnpack_friendly_rewrites
@@ -75,6 +75,8 @@ class Exporter:
         exported_program: output of :meth:`export`.
         edge_program: output of :meth:`lower` (an ``EdgeProgramManager``).
         executorch_program: output of :meth:`to_executorch`.
+        etrecord: ExecuTorch's ETRecord of the program when :meth:`lower` was asked for one
+            (``generate_etrecord=True``); :meth:`save` writes it as ``etrecord.bin``.
         timings: seconds per completed stage.
         peak_rss: peak RSS in bytes after each completed stage.
     """
@@ -96,6 +98,8 @@ class Exporter:
         self.exported_program = None
         self.edge_program = None
         self.executorch_program = None
+        self.etrecord = None
+        self._etrecord_requested = False
         self.quantization_report: dict[str, Any] = {}
         self.timings: dict[str, float] = {}
         self.peak_rss: dict[str, int] = {}
@@ -252,12 +256,14 @@ class Exporter:
 
         Args:
             partitioners: ordered partitioners; ``None`` uses :meth:`default_partitioners`.
-            generate_etrecord: keep what is needed to write an ETRecord (see :meth:`save`).
+            generate_etrecord: record an ETRecord (graphs + debug handles that let the Inspector
+                name the operators of an ETDump profile); :meth:`save` writes it.
         """
         ep = self._require("exported_program", "export")
         parts = self.default_partitioners() if partitioners is None else list(partitioners)
         with self._stage("lower"):
             self.edge_program = lower(ep, parts, self.metadata(), generate_etrecord=generate_etrecord)
+        self._etrecord_requested = generate_etrecord
         return self
 
     def delegation_summary(self):
@@ -266,6 +272,18 @@ class Exporter:
         from executorch.devtools.backend_debug import get_delegation_info
 
         return get_delegation_info(edge.exported_program().graph_module)
+
+    def delegation_table(self) -> dict[str, Any]:
+        """:meth:`delegation_summary` as plain data (kept in the manifest for ``inspect``)."""
+        info = self.delegation_summary()
+        return {
+            "delegated_subgraphs": info.num_delegated_subgraphs,
+            "delegated_nodes": info.num_delegated_nodes,
+            "non_delegated_nodes": info.num_non_delegated_nodes,
+            "by_operator": {
+                op: [b.delegated, b.non_delegated] for op, b in sorted(info.delegation_by_operator.items())
+            },
+        }
 
     def to_executorch(self) -> "Exporter":
         """Plan memory and emit the ExecuTorch program."""
@@ -287,6 +305,8 @@ class Exporter:
                     sym_shape_eval_pass=ConstraintBasedSymShapeEvalPass(),
                 )
             )
+            if self._etrecord_requested:
+                self.etrecord = self.executorch_program.get_etrecord()
         return self
 
     def save(self, output_dir: str | os.PathLike) -> Path:
@@ -294,7 +314,8 @@ class Exporter:
 
         The folder holds ``model.pte``, ``manifest.json``, ``config.json``,
         ``generation_config.json`` and the tokenizer files (``tokenizer.json`` is what ExecuTorch's
-        C++ runner loads). Files already in ``output_dir`` with other names are left alone.
+        C++ runner loads), plus ``etrecord.bin`` when an ETRecord was recorded. Files already in
+        ``output_dir`` with other names are left alone.
         """
         program = self._require("executorch_program", "to_executorch")
         loaded = self._require("loaded", "load")
@@ -309,6 +330,8 @@ class Exporter:
                 loaded.config.save_pretrained(staging)
                 loaded.generation_config.save_pretrained(staging)
                 loaded.tokenizer.save_pretrained(staging)
+                if self.etrecord is not None:
+                    self.etrecord.save(str(staging / ETRECORD_NAME))
                 self.build_manifest(pte).write(staging)
                 _move_into_place(staging, output_dir)
             finally:
@@ -330,12 +353,18 @@ class Exporter:
                 "methods": methods,
                 "metadata": self.metadata(),
                 "quantization": self.quantization_report,
+                "delegation": self.delegation_table(),
                 "export_seconds": {k: round(v, 2) for k, v in self.timings.items()},
             },
         )
 
-    def run(self, output_dir: str | os.PathLike) -> Path:
-        """Run every stage with the defaults and save to ``output_dir``; return the ``.pte`` path."""
+    def run(self, output_dir: str | os.PathLike, *, etrecord: bool = False) -> Path:
+        """Run every stage with the defaults and save to ``output_dir``; return the ``.pte`` path.
+
+        Args:
+            output_dir: the model folder to write.
+            etrecord: also write ``etrecord.bin`` (for ``et-transformers profile``'s operator names).
+        """
         from tqdm.auto import tqdm
 
         steps: list[tuple[str, Callable[[], Any]]] = [
@@ -344,7 +373,7 @@ class Exporter:
             ("to_dtype", self.to_dtype),
             ("quantize", self.quantize),
             ("export", self.export),
-            ("lower", self.lower),
+            ("lower", lambda: self.lower(generate_etrecord=etrecord)),
             ("to_executorch", self.to_executorch),
             ("save", lambda: self.save(output_dir)),
         ]

@@ -1,0 +1,168 @@
+"""Multi-turn chat over one program whose KV cache is kept between turns.
+
+:class:`ChatSession` owns a conversation: the messages, and which tokens the program's KV cache
+holds for them. Each :meth:`ChatSession.send` renders the whole conversation with the tokenizer's
+chat template, as a stateless ``generate()`` on the full history would, then compares it with the
+cached tokens and prefills only from the first position where they differ. Usually that is just
+the new turn (the previous reply's end-of-turn tokens and the new user message), so the time to the
+first token does not grow with the history; when the template renders the history differently
+(a reply that re-tokenizes differently, a template that rewrites past turns) the differing tail is
+re-read, never trusted. The result is token for token what ``generate()`` on the full history
+gives. The session notices when anything else has run the program since its last turn (the cache
+then holds other tokens) and re-reads the conversation.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import torch
+
+from .errors import ContextFullError, ETTransformersError
+from .generation import GenerationStats
+
+logger = logging.getLogger(__name__)
+
+#: New tokens per reply when neither the call nor the model's generation config says.
+DEFAULT_MAX_NEW_TOKENS = 256
+
+
+def common_prefix_length(a: list[int], b: list[int]) -> int:
+    """Length of the longest common prefix of two token lists."""
+    n = min(len(a), len(b))
+    for i in range(n):
+        if a[i] != b[i]:
+            return i
+    return n
+
+
+class ChatSession:
+    """A conversation with a model, reusing the KV cache across turns.
+
+    Args:
+        model: an :class:`~et_transformers.ETModelForCausalLM` whose tokenizer has a chat template.
+        system_prompt: an optional system message that opens the conversation.
+        **generation_kwargs: defaults for every turn (``max_new_tokens``, ``do_sample``,
+            ``temperature``, ... as ``generate()`` takes them); :meth:`send` may override them.
+
+    Attributes:
+        messages: the conversation so far, as ``[{"role", "content"}]`` dicts.
+        reply_ids: token ids of the last reply, as generated (end-of-turn token included).
+        stats: :class:`~et_transformers.generation.GenerationStats` of the last turn; its ``extra``
+            holds ``cached_tokens`` (reused from the cache), ``prefilled_tokens`` (read this turn),
+            ``context_used`` and ``context_size``.
+
+    Raises:
+        ETTransformersError: the model has no tokenizer or no chat template.
+    """
+
+    def __init__(self, model, *, system_prompt: str | None = None, **generation_kwargs: Any):
+        tokenizer = model.tokenizer
+        if tokenizer is None or not getattr(tokenizer, "chat_template", None):
+            raise ETTransformersError(
+                f"{model.pte_path.parent} has no tokenizer chat template; a chat needs one "
+                f"(use generate() for plain text prompts)."
+            )
+        self.model = model
+        self.tokenizer = tokenizer
+        self.system_prompt = system_prompt
+        self.generation_kwargs = generation_kwargs
+        self.messages: list[dict[str, str]] = []
+        self.reply_ids: list[int] = []
+        self.stats = GenerationStats()
+        self._cached: list[int] = []  # the tokens at KV-cache positions 0 .. len-1
+        self._executions = -1  # program.executions right after our last turn
+        self.reset()
+
+    # -- state ------------------------------------------------------------------------------
+
+    @property
+    def context_size(self) -> int:
+        """Positions in the program's KV cache: the most tokens a conversation can hold."""
+        return self.model.program.metadata.max_context_len
+
+    @property
+    def context_used(self) -> int:
+        """Tokens of the conversation held in the KV cache now."""
+        return len(self._cached)
+
+    def reset(self) -> None:
+        """Forget the conversation (the system prompt stays); the next turn starts at position 0."""
+        self.messages = [{"role": "system", "content": self.system_prompt}] if self.system_prompt else []
+        self._cached = []
+        self.reply_ids = []
+        self.stats = GenerationStats()
+
+    def render(self, messages: list[dict[str, str]]) -> list[int]:
+        """Token ids of ``messages`` through the chat template, ready for the assistant's reply."""
+        encoded = self.tokenizer.apply_chat_template(
+            messages, add_generation_prompt=True, tokenize=True, return_dict=True
+        )
+        return list(encoded["input_ids"])
+
+    def _reusable_prefix(self, ids: list[int]) -> int:
+        program = self.model.program
+        if program.executions != self._executions:
+            if self._cached:
+                logger.info("The program ran outside this chat since its last turn: re-reading the history.")
+            return 0
+        # At least one token must be prefilled to get logits for the next one.
+        return min(common_prefix_length(self._cached, ids), len(ids) - 1)
+
+    # -- turns ------------------------------------------------------------------------------
+
+    def send(self, text: str, *, streamer=None, **generation_kwargs: Any) -> str:
+        """Add a user message, generate the assistant's reply, and return its text.
+
+        Args:
+            text: the user's message.
+            streamer: a transformers streamer (``TextStreamer(tok, skip_prompt=True)`` prints the
+                reply as it is produced).
+            **generation_kwargs: ``generate()`` options for this turn, over the session's defaults.
+                ``max_new_tokens`` is shortened to what the context still holds.
+
+        Returns:
+            The reply, decoded without special tokens (also appended to :attr:`messages`).
+
+        Raises:
+            ContextFullError: the conversation plus the new message leaves no room for a reply;
+                :meth:`reset` (or a new session) starts over.
+            ValueError: invalid generation options.
+        """
+        messages = [*self.messages, {"role": "user", "content": text}]
+        ids = self.render(messages)
+        context = self.context_size
+        room = context - len(ids)
+        if room < 1:
+            raise ContextFullError(
+                f"the conversation needs {len(ids)} tokens with this message but the program's context "
+                f"holds {context}: reset the chat to start over, or export with a larger max_seq_len."
+            )
+        options = {**self.generation_kwargs, **generation_kwargs}
+        wanted = options.get("max_new_tokens") or self.model.generation_config.max_new_tokens
+        options["max_new_tokens"] = min(wanted or DEFAULT_MAX_NEW_TOKENS, room)
+        cached = self._reusable_prefix(ids)
+        out, stats = self.model._generator.generate(
+            self.model.generation_config,
+            torch.tensor([ids], dtype=torch.long),
+            streamer=streamer,
+            cached_prefix=cached,
+            **options,
+        )
+        row = out[0].tolist()
+        # The last sampled token was never fed to the program: the cache holds all but it.
+        self._cached = row[:-1]
+        self._executions = self.model.program.executions
+        self.reply_ids = row[len(ids):]
+        reply = self.tokenizer.decode(self.reply_ids, skip_special_tokens=True)
+        self.messages = [*messages, {"role": "assistant", "content": reply}]
+        stats.extra.update(
+            cached_tokens=cached,
+            prefilled_tokens=len(ids) - cached,
+            context_used=len(self._cached),
+            context_size=context,
+            context_full=len(row) >= context,
+        )
+        self.stats = stats
+        return reply

@@ -1,0 +1,304 @@
+"""What each ``et-transformers`` subcommand does: call the library, print its results.
+
+:mod:`.cli` parses the command line and hands the parsed arguments to a ``cmd_*`` function here.
+Each is a few calls into the Python API (:class:`~et_transformers.ETModelForCausalLM`,
+:class:`~et_transformers.chat.ChatSession`, :mod:`.inspection`, :mod:`.profiling`, :mod:`.bench`,
+:mod:`.cache`) with options mapped one-to-one onto ``ExportConfig`` fields and ``generate()``
+keywords, whose validation is theirs; :mod:`.cli_output` formats what they return. Results go to
+stdout, diagnostics and per-turn figures to stderr.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+import time
+from pathlib import Path
+
+from .config import DEFAULT_RECIPE, ExportConfig
+from .config import recipe as make_recipe
+from .errors import ContextFullError, ETTransformersError
+
+# -- shared steps -------------------------------------------------------------------------------
+
+
+def _export_overrides(args: argparse.Namespace) -> dict:
+    """The ``ExportConfig`` fields given on the command line (``none`` means ``None``)."""
+    overrides = {}
+    for f in dataclasses.fields(ExportConfig):
+        value = getattr(args, f.name, None)
+        if isinstance(value, list):
+            value = tuple(value)
+        if value is not None:
+            overrides[f.name] = None if value == "none" else value
+    return overrides
+
+
+def _load(args: argparse.Namespace, warmup: bool = True):
+    """The model the load options name (exported into the cache the first time)."""
+    from .modeling import ETModelForCausalLM
+
+    return ETModelForCausalLM.from_pretrained(
+        args.model,
+        recipe=args.recipe,
+        revision=args.revision,
+        gguf_file=args.gguf_file,
+        cache_dir=args.cache_dir,
+        local_files_only=args.offline,
+        force_export=args.force_export,
+        trust_remote_code=args.trust_remote_code,
+        warmup=warmup,
+        **_export_overrides(args),
+    )
+
+
+def _generation_kwargs(args: argparse.Namespace) -> dict:
+    kwargs = {"max_new_tokens": args.max_new_tokens}
+    if args.do_sample:
+        kwargs["do_sample"] = True
+    for name in ("temperature", "top_k", "top_p", "min_p", "repetition_penalty"):
+        if getattr(args, name) is not None:
+            kwargs[name] = getattr(args, name)
+    if args.seed is not None:
+        import torch
+
+        torch.manual_seed(args.seed)
+    return kwargs
+
+
+def _streamer(tokenizer):
+    from transformers import TextStreamer
+
+    return TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
+
+
+def _encode(tokenizer, prompt: str, chat: bool):
+    if chat:
+        return tokenizer.apply_chat_template(
+            [{"role": "user", "content": prompt}], add_generation_prompt=True, return_tensors="pt", return_dict=True
+        )["input_ids"]
+    return tokenizer(prompt, return_tensors="pt").input_ids
+
+
+def _require_tokenizer(model, args):
+    if model.tokenizer is None:
+        raise ETTransformersError(f"{args.model} has no tokenizer; cannot encode a text prompt.")
+    return model.tokenizer
+
+
+def _err(*parts) -> None:
+    print(*parts, file=sys.stderr, flush=True)
+
+
+# -- subcommands ------------------------------------------------------------------------------
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    """Export a model: to ``-o DIR``, or into the cache; print path, size and delegation summary."""
+    from .inspection import inspect_program
+
+    t0 = time.perf_counter()
+    if args.output is not None:
+        from .export import Exporter
+
+        exporter = Exporter.from_pretrained(
+            args.model,
+            make_recipe(args.recipe or DEFAULT_RECIPE, **_export_overrides(args)),
+            revision=args.revision,
+            gguf_file=args.gguf_file,
+            cache_dir=args.cache_dir,
+            local_files_only=args.offline,
+            trust_remote_code=args.trust_remote_code,
+            progress=None,  # a bar on a terminal, nothing when piped
+        )
+        pte = exporter.run(args.output, etrecord=args.etrecord)
+        how = f"exported in {time.perf_counter() - t0:.0f} s"
+    else:
+        if args.etrecord:
+            raise ETTransformersError("--etrecord needs an output folder (-o DIR) to write etrecord.bin to.")
+        model = _load(args, warmup=False)
+        pte = model.pte_path
+        exported = model.stats.export_time
+        how = f"exported in {exported:.0f} s" if exported is not None else "already in the cache"
+    report = inspect_program(pte)
+    print(f"{pte}  {report.size_bytes / 2**20:.1f} MiB  ({how})")
+    if report.etrecord:
+        print(f"etrecord: {report.etrecord}")
+    print(report.summary())
+    return 0
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    """Generate text for a prompt, streaming tokens as they are produced."""
+    model = _load(args)
+    tok = _require_tokenizer(model, args)
+    ids = _encode(tok, args.prompt, args.chat)
+    model.generate(ids, streamer=_streamer(tok), **_generation_kwargs(args))
+    if args.stats:
+        _err(model.stats.summary())
+    return 0
+
+
+def _chat_stats(session) -> str:
+    s, extra = session.stats, session.stats.extra
+    if not extra:
+        return f"no turn yet; context {session.context_size} tokens"
+    return (
+        f"{s.summary()}; prefilled {extra['prefilled_tokens']} tok, reused {extra['cached_tokens']} cached; "
+        f"context {extra['context_used']}/{extra['context_size']}"
+    )
+
+
+CHAT_HELP = "/reset starts over, /stats shows the last turn's figures, Ctrl-D (or /exit) leaves."
+
+
+def cmd_chat(args: argparse.Namespace) -> int:
+    """Interactive multi-turn chat; the KV cache is kept across turns."""
+    from .chat import ChatSession
+
+    model = _load(args)
+    session = ChatSession(model, system_prompt=args.system, **_generation_kwargs(args))
+    interactive = sys.stdin.isatty()
+    if interactive:
+        _err(f"Chatting with {args.model} (context {session.context_size} tokens). {CHAT_HELP}")
+    while True:
+        try:
+            line = input(">>> ") if interactive else sys.stdin.readline()
+        except EOFError:
+            line = ""
+        if not line:  # Ctrl-D / end of input
+            if interactive:
+                _err()
+            return 0
+        text = line.strip()
+        if not text:
+            continue
+        if text in ("/exit", "/quit", "/bye"):
+            return 0
+        if text == "/reset":
+            session.reset()
+            _err("(conversation reset)")
+            continue
+        if text == "/stats":
+            _err(_chat_stats(session))
+            continue
+        if text.startswith("/"):
+            _err(f"unknown command {text.split()[0]}: {CHAT_HELP}")
+            continue
+        try:
+            session.send(text, streamer=_streamer(session.tokenizer))
+        except ContextFullError as e:
+            _err(f"context full: {e}")
+            continue
+        if args.stats:
+            _err(_chat_stats(session))
+        if session.stats.extra.get("context_full"):
+            _err("(the context is now full: the reply was cut; /reset to start a new conversation)")
+
+
+def _pte_or_model(args: argparse.Namespace) -> Path:
+    """The ``.pte`` that ``inspect``'s argument names: a file, a folder with one, or a model to load."""
+    from .inspection import resolve_pte
+
+    path = Path(args.model).expanduser()
+    if path.is_file() or path.suffix == ".pte" or (path.is_dir() and (path / "model.pte").is_file()):
+        return resolve_pte(path)
+    return _load(args, warmup=False).pte_path
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    """Print a program's methods, metadata, size and delegation table."""
+    from .cli_output import program_report
+    from .inspection import inspect_program
+
+    report = inspect_program(_pte_or_model(args))
+    print(json.dumps(report.as_dict(), indent=2, default=str) if args.json else program_report(report))
+    return 0
+
+
+def cmd_profile(args: argparse.Namespace) -> int:
+    """Profile one generation with ETDump: per-operator table and per-phase breakdown."""
+    from .cli_output import profile_report
+    from .profiling import profile_generation
+
+    model = _load(args, warmup=False)
+    _require_tokenizer(model, args)
+    report = profile_generation(
+        model, args.prompt, chat=args.chat, etdump_path=args.etdump, etrecord_path=args.etrecord,
+        **_generation_kwargs(args),
+    )
+    print(f"generated: {report.text!r}")
+    print(profile_report(report, top=args.top))
+    if args.etdump:
+        print(f"ETDump written to {report.etdump_path}")
+    return 0
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    """Prefill/decode tok/s, TTFT and peak RSS: ours vs eager transformers vs the C++ runner vs llama.cpp."""
+    from tqdm.auto import tqdm
+
+    from .bench import CONTENDERS, compare, spec_for
+    from .cli_output import bench_table
+
+    model = _load(args, warmup=False)
+    contenders = tuple(args.contenders.split(",")) if args.contenders else CONTENDERS
+    spec = spec_for(
+        model, args.model, revision=args.revision, gguf_file=args.gguf_file, cache_dir=args.cache_dir,
+        local_files_only=args.offline, prompt_tokens=args.prompt_tokens, new_tokens=args.new_tokens,
+        runs=args.runs, gguf=args.gguf, llama_bench=args.llama_bench, threads=args.threads, contenders=contenders,
+    )
+    with tqdm(total=len(contenders), desc="bench", unit="contender", disable=None, leave=False) as bar:
+        started: list[str] = []
+
+        def step(name: str) -> None:
+            bar.update(1 if started else 0)
+            started.append(name)
+            bar.set_postfix_str(name)
+
+        results = compare(spec, progress=step)
+    if args.json:
+        print(json.dumps({"spec": dataclasses.asdict(spec), "results": [r.as_dict() for r in results]}, indent=2))
+        return 0
+    print(f"{args.model} ({model.pte_path}): prompt {spec.prompt_tokens} tokens, {spec.new_tokens} new tokens, "
+          f"greedy, median of {spec.runs} warm runs, each contender in its own process")
+    print(bench_table(results))
+    return 0
+
+
+def cmd_cache(args: argparse.Namespace) -> int:
+    """List, remove or prune exported models in the cache."""
+    from .cache import ArtifactCache
+    from .cli_output import cache_table, mib
+
+    cache = ArtifactCache(Path(args.cache_dir) / "et_transformers" if args.cache_dir else None)
+    if args.cache_command == "ls":
+        entries = cache.entries()
+        if args.json:
+            print(json.dumps([{"key": e.key, "path": str(e.path), "source": e.manifest.source,
+                               "export_config": e.manifest.export_config, "size": e.size,
+                               "last_used": e.last_used} for e in entries], indent=2))
+        elif entries:
+            print(cache_table(entries))
+            print(f"{len(entries)} entries, {mib(sum(e.size for e in entries))} in {cache.models_dir}")
+        else:
+            print(f"the cache at {cache.models_dir} is empty")
+        return 0
+    if args.cache_command == "rm":
+        if not args.keys and not args.all:
+            raise ETTransformersError("give the keys (or key prefixes) to remove, or --all.")
+        keys = [e.key for e in cache.entries()] if args.all else args.keys
+        removed = []
+        for key in keys:
+            gone = cache.remove(key)
+            if not gone:
+                raise ETTransformersError(f"no cache entry has a key starting with {key!r} (see 'cache ls').")
+            removed += gone
+    else:
+        if args.max_size is None and args.older_than is None:
+            raise ETTransformersError("prune needs --max-size SIZE and/or --older-than AGE.")
+        removed = cache.prune(max_size_bytes=args.max_size, older_than_seconds=args.older_than)
+    print(f"removed {len(removed)} entries" + "".join(f"\n  {k[:12]}" for k in removed))
+    return 0
