@@ -41,7 +41,7 @@ import torch  # noqa: E402
 
 TEXT = ROOT / "benchmarks" / "data" / "eval_text.txt"
 LLAMACPP_TOOL = ROOT.parent / "shared" / "tools" / "llamacpp-bench.sh"
-MARKERS = ("<!-- quality-table:start -->", "<!-- quality-table:end -->")
+from et_transformers.model_card import QUALITY_MARKERS as MARKERS  # noqa: E402  (the cards' markers)
 
 
 def eval_tokens(tokenizer) -> torch.Tensor:

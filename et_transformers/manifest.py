@@ -2,9 +2,10 @@
 
 A model folder written by the exporter (and by ``save_pretrained``) holds ``model.pte`` and
 ``manifest.json``. The manifest records the export config, the source (repo id and resolved
-revision, or hashes of local files), the sha256 and size of the ``.pte``, and the versions of the
-stack that built it. This module owns its schema, reading, writing and verification, and the
-stack-version probe; it imports neither torch nor ExecuTorch.
+revision, or hashes of local files), the sha256 and size of the ``.pte``, the versions of the
+stack that built it and, when measured, size/speed/quality figures. This module owns its schema,
+reading, writing and verification (the hash, and whether the installed runtime may run the
+program), and the stack-version probe; it imports neither torch nor ExecuTorch.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import os
 from dataclasses import dataclass, field
 from importlib import metadata as importlib_metadata
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
 from .errors import ProgramError
 
@@ -116,6 +117,49 @@ class Manifest:
             raise ProgramError(f"{path} does not exist; the folder holds no exported model.") from e
         except (json.JSONDecodeError, TypeError, KeyError) as e:
             raise ProgramError(f"{path} is not a valid et_transformers manifest ({e}).") from e
+
+    def check_runtime(self, installed: Mapping[str, str | None] | None = None, *, where: str = "the program") -> None:
+        """Check that the installed stack can run this program, before loading it.
+
+        ExecuTorch promises that a runtime runs programs exported by the same or an older release
+        of its major version, not newer ones; the manifest format has its own version.
+
+        Args:
+            installed: ``{distribution: version}``; :func:`stack_versions` by default.
+            where: how to name the program in messages (its path or repo).
+
+        Raises:
+            ProgramError: the manifest is newer than this et_transformers, executorch is missing,
+                or the program was built by an ExecuTorch this runtime cannot be trusted with.
+        """
+        from packaging.version import InvalidVersion, Version
+
+        if self.format_version > FORMAT_VERSION:
+            raise ProgramError(
+                f"{where} has manifest format {self.format_version}, newer than the {FORMAT_VERSION} this "
+                f"et_transformers reads; upgrade et-transformers (the program was written by "
+                f"{self.versions.get('et-transformers')})."
+            )
+        installed = stack_versions() if installed is None else installed
+        built, have = self.versions.get("executorch"), installed.get("executorch")
+        if have is None:
+            raise ProgramError(
+                f"{where} needs the ExecuTorch runtime, which is not installed; pip install 'executorch=={built}'."
+            )
+        if built is None:
+            return  # no record of the builder: the runtime's own load check is all we have
+        try:
+            built_v, have_v = Version(built), Version(have)
+        except InvalidVersion:
+            return
+        if built_v.major != have_v.major or (built_v.major, built_v.minor) > (have_v.major, have_v.minor):
+            raise ProgramError(
+                f"{where} was exported with executorch {built}, but the installed runtime is executorch "
+                f"{have}, which cannot be trusted to run it (ExecuTorch runtimes run programs from the same "
+                f"or an older release of their major version). Install executorch {built_v.major}.{built_v.minor} "
+                f"or newer within {built_v.major}.x (pip install 'executorch=={built}'), or export the source "
+                f"model again with this stack."
+            )
 
     def verify_pte(self, pte_path: str | os.PathLike) -> None:
         """Check that ``pte_path`` has the size and sha256 this manifest records.

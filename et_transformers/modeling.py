@@ -2,8 +2,11 @@
 
 ``from_pretrained`` reads like the recipe it is: resolve the files (:mod:`.hub`), compute what we
 would build (:mod:`.cache` key), load it from the cache or export it (:mod:`.export`, imported only
-then), load the program (:mod:`.runtime`) and warm it up. ``generate`` hands over to
-:mod:`.generation`. Loading a cached model never imports the export stack.
+then), load the program (:mod:`.runtime`) and warm it up; a folder or Hub repo written by
+``save_pretrained`` is checked against its manifest and loaded as is. ``generate`` hands over to
+:mod:`.generation`; ``save_pretrained`` to :mod:`.saving` (folder and model card) and
+``push_to_hub`` to it and :mod:`.hub`. Loading a cached or pre-exported model never imports the
+export stack.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from .config import recipe as make_recipe
 from .errors import InvalidConfigError, ModelNotFoundError, ProgramError
 from .generation import GenerationStats, Generator, peak_rss_bytes
 from .manifest import PTE_NAME, Manifest
+from .model_card import CardData, recipe_name
 from .runtime import Program
 
 logger = logging.getLogger(__name__)
@@ -150,6 +154,7 @@ class ETModelForCausalLM:
         gguf_file: str | None = None,
         subfolder: str | None = None,
         trust_remote_code: bool = False,
+        use_safetensors: bool = True,
         warmup: bool = True,
         **export_overrides: Any,
     ) -> "ETModelForCausalLM":
@@ -157,7 +162,8 @@ class ETModelForCausalLM:
 
         Args:
             model_id_or_path: Hub id (``"org/name"``), local model folder, ``.gguf`` file, or a
-                folder/repo written by :meth:`save_pretrained` (loaded without export).
+                folder/repo written by :meth:`save_pretrained` (loaded without export, after its
+                manifest is checked: the ``.pte``'s sha256, and that this ExecuTorch can run it).
             export_config: what program to build.
             recipe: a named recipe (see :data:`et_transformers.config.RECIPES`) instead of
                 ``export_config``; with neither, :data:`~et_transformers.config.DEFAULT_RECIPE`.
@@ -171,6 +177,8 @@ class ETModelForCausalLM:
             gguf_file: GGUF file inside the folder or repository.
             subfolder: folder inside the repository or local folder that holds the model.
             trust_remote_code: allow models whose config declares custom code.
+            use_safetensors: ``False`` allows pickled ``pytorch_model*.bin`` weights when the
+                checkpoint has no safetensors (pickles can run code: trusted sources only).
             warmup: run one token through the program while loading, so XNNPACK packs its weights
                 now (counted in ``stats.load_time``) rather than during the first ``generate``.
             **export_overrides: :class:`ExportConfig` fields overriding ``export_config``
@@ -178,6 +186,8 @@ class ETModelForCausalLM:
 
         Raises:
             InvalidConfigError: an unknown keyword or invalid export option.
+            ProgramError: a pre-exported ``.pte`` does not match its manifest, or was built by an
+                ExecuTorch newer than the installed runtime.
             UnsupportedModelError, ModelNotFoundError, HubError, ExportError, CacheError.
         """
         t0 = time.perf_counter()
@@ -195,6 +205,7 @@ class ETModelForCausalLM:
             force_download=force_download,
             gguf_file=gguf_file,
             subfolder=subfolder,
+            use_safetensors=use_safetensors,
         )
         if source.is_program:
             if explicit_export:
@@ -204,8 +215,10 @@ class ETModelForCausalLM:
                     f"or export the original checkpoint."
                 )
             manifest = Manifest.read(source.path)
-            manifest.verify_pte(source.path / PTE_NAME)
-            return cls._load(source.path / PTE_NAME, t0=t0, warmup=warmup, manifest=manifest)
+            manifest.check_runtime(where=source.name)
+            model = cls._load(source.path / PTE_NAME, t0=t0, warmup=warmup, manifest=manifest, verify=True)
+            logger.info("Loaded the exported program of %s (no export)", source.name)
+            return model
 
         cache = ArtifactCache(Path(cache_dir) / "et_transformers" if cache_dir else None)
         key = cache.key_for(source, export_config)
@@ -236,13 +249,25 @@ class ETModelForCausalLM:
         tokenizer=None,
         config=None,
         generation_config=None,
+        verify: bool = False,
     ) -> "ETModelForCausalLM":
-        """Load a (verified) ``.pte`` plus the files beside it; warm it up; time the load."""
+        """Load a ``.pte`` plus the files beside it; warm it up; time the load.
+
+        With ``verify``, the ``.pte``'s sha256 is checked against ``manifest`` on a second thread
+        while the tokenizer and configs load (hashing releases the GIL), and before the program
+        is opened: a corrupted file raises ``ProgramError`` and is never handed to the runtime.
+        """
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(max_workers=1) as pool:
+            check = pool.submit(manifest.verify_pte, pte) if verify and manifest is not None else None
+            if generation_config is None:
+                generation_config = _load_generation_config(pte.parent, config)
+            if tokenizer is None:
+                tokenizer = load_tokenizer(pte.parent)
+            if check is not None:
+                check.result()
         program = Program(pte)
-        if generation_config is None:
-            generation_config = _load_generation_config(pte.parent, config)
-        if tokenizer is None:
-            tokenizer = load_tokenizer(pte.parent)
         if generation_config.eos_token_id is None and program.metadata.eos_ids:
             generation_config.eos_token_id = list(program.metadata.eos_ids)
         model = cls(
@@ -294,6 +319,7 @@ class ETModelForCausalLM:
         manifest = None
         if (path.parent / "manifest.json").is_file() and path.name == PTE_NAME:
             manifest = Manifest.read(path.parent)
+            manifest.check_runtime(where=str(path))
             manifest.verify_pte(path)
         if isinstance(tokenizer, (str, os.PathLike)):
             from transformers import AutoTokenizer
@@ -308,6 +334,117 @@ class ETModelForCausalLM:
             config=config,
             generation_config=generation_config,
         )
+
+    # -- saving and sharing --------------------------------------------------------------
+
+    def save_pretrained(
+        self, save_directory: str | os.PathLike, *, card: CardData | dict | None = None
+    ) -> Path:
+        """Write the model as a folder that :meth:`from_pretrained` loads without exporting.
+
+        The folder holds ``model.pte``, ``manifest.json`` (export config, source id and revision,
+        stack versions, the ``.pte``'s sha256), ``config.json``, ``generation_config.json``, the
+        tokenizer files (``tokenizer.json`` is also what ExecuTorch's C++ runner loads) and a
+        ``README.md`` model card rendered from ``model_cards/template.md``. The tokenizer and
+        generation config are saved as they are now on this object.
+
+        Args:
+            save_directory: the folder (created if needed).
+            card: model card data: a :class:`~et_transformers.model_card.CardData` or a dict of its
+                fields (``repo_id``, ``base_model``, ``license``, ``metrics``, ``quality_table``).
+
+        Returns:
+            The folder's path.
+
+        Raises:
+            ProgramError: the model has no manifest (it was loaded from a bare ``.pte``).
+            ValueError: unknown card fields or metrics.
+        """
+        from .saving import write_model_folder
+
+        return write_model_folder(
+            save_directory,
+            pte=self.pte_path,
+            manifest=self._require_manifest("save_pretrained"),
+            config=self._config,
+            generation_config=self.generation_config,
+            tokenizer=self.tokenizer,
+            card=CardData.coerce(card),
+        )
+
+    def push_to_hub(
+        self,
+        repo_id: str,
+        *,
+        token: str | bool | None = None,
+        private: bool | None = None,
+        revision: str | None = None,
+        commit_message: str | None = None,
+        create_pr: bool = False,
+        card: CardData | dict | None = None,
+    ):
+        """Upload the :meth:`save_pretrained` folder to the Hub in one commit.
+
+        The folder is written to a temporary directory (the ``.pte`` hard-linked when possible)
+        and removed afterwards; the model card's examples load ``repo_id``. A failed upload leaves
+        the cache and any saved folder as they were.
+
+        Args:
+            repo_id: ``"org/name"``; created if missing.
+            token: Hub token with write access (default: the logged-in token / ``HF_TOKEN``).
+                Never logged or put in messages or the card.
+            private: create the repository private (applies only when it is created).
+            revision: branch to commit to (created if missing).
+            commit_message: the commit summary (default names the model and recipe).
+            create_pr: open a pull request instead of committing to the branch.
+            card: model card data, as for :meth:`save_pretrained`.
+
+        Returns:
+            huggingface_hub's ``CommitInfo``: a ``str`` (the commit URL) with ``.oid`` (the commit
+            sha, a ``revision=`` for :meth:`from_pretrained`) and ``.pr_url``.
+
+        Raises:
+            HubError: the Hub refused or failed the upload (the message says which step).
+            ProgramError, ValueError: as :meth:`save_pretrained`.
+        """
+        import tempfile
+
+        from .saving import write_model_folder
+
+        manifest = self._require_manifest("push_to_hub")
+        card = CardData.coerce(card).replace(repo_id=repo_id)
+        if commit_message is None:
+            recipe = recipe_name(self.export_config) if self.export_config else None
+            commit_message = f"Upload ExecuTorch program ({recipe or 'custom recipe'}) with et_transformers"
+        with tempfile.TemporaryDirectory(prefix="et-transformers-push-") as tmp:
+            folder = write_model_folder(
+                Path(tmp) / repo_id.rsplit("/", 1)[-1],
+                pte=self.pte_path,
+                manifest=manifest,
+                config=self._config,
+                generation_config=self.generation_config,
+                tokenizer=self.tokenizer,
+                card=card,
+                link_pte=True,
+            )
+            return hub.upload_folder(
+                folder,
+                repo_id,
+                token=token,
+                private=private,
+                revision=revision,
+                commit_message=commit_message,
+                create_pr=create_pr,
+            )
+
+    def _require_manifest(self, action: str) -> Manifest:
+        if self.manifest is None:
+            raise ProgramError(
+                f"{action} needs the program's manifest.json (export config, source, hash), but "
+                f"{self.pte_path} was loaded without one. Load the model from its exported folder or "
+                f"export it with from_pretrained(<checkpoint>)."
+            )
+        return self.manifest
 
     def warmup(self) -> None:
         """Run one token through the program so XNNPACK packs its weights now.

@@ -2,7 +2,8 @@
 
 The architecture check runs on the config alone, before any weight is read, so an unsupported
 model fails in milliseconds. Weights load in float32 (GGUF files are dequantized by transformers'
-``gguf_file=`` support); the dtype stage converts later. Pickled weights are never loaded.
+``gguf_file=`` support); the dtype stage converts later. Pickled weights are loaded only when the
+source allows them (``use_safetensors=False``).
 """
 
 from __future__ import annotations
@@ -105,7 +106,8 @@ def load_model(source: ModelSource, *, trust_remote_code: bool = False) -> Loade
             config=config,
             dtype=torch.float32,
             trust_remote_code=trust_remote_code,
-            use_safetensors=None if source.gguf_file else True,
+            # None lets transformers fall back to pickles: only when the caller asked for them.
+            use_safetensors=None if source.gguf_file or not source.use_safetensors else True,
         )
         tokenizer = AutoTokenizer.from_pretrained(
             source.path, gguf_file=source.gguf_file, trust_remote_code=trust_remote_code
