@@ -96,7 +96,11 @@ def write_model_folder(
                 "tokenizer. Pass a fast tokenizer to the model (model.tokenizer = ...) and save again.", dest
             )
         metrics = {**manifest.metrics, **card.metrics}
-        dataclasses.replace(manifest, metrics=metrics).write(staging)
+        recorded = dict(manifest.source)
+        if recorded.get("path"):  # a shared folder must not carry the saver's local paths
+            recorded["path"] = Path(recorded["path"]).name
+        manifest = dataclasses.replace(manifest, metrics=metrics, source=recorded)
+        manifest.write(staging)
         chat = bool(getattr(tokenizer, "chat_template", None)) or (staging / "chat_template.jinja").is_file()
         (staging / CARD_NAME).write_text(
             render(manifest, card.replace(metrics=metrics), folder_name=dest.resolve().name,
