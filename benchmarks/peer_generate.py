@@ -58,10 +58,12 @@ def main() -> None:
 
     forward = model.forward
     first_call: list[float] = []
+    calls = [0]
 
     def timed_forward(*a, **k):
         t = time.perf_counter()
         out = forward(*a, **k)
+        calls[0] += 1
         if not first_call:
             first_call.append(time.perf_counter() - t)
         return out
@@ -70,11 +72,13 @@ def main() -> None:
 
     def run():
         first_call.clear()
+        calls[0] = 0
         t0 = time.perf_counter()
         out = model.generate(ids, max_seq_len=total)  # the peer's own generate(): greedy
         elapsed = time.perf_counter() - t0
         prefill_s = first_call[0]
-        return len(ids) / prefill_s, (len(out) - 1) / (elapsed - prefill_s), len(out)
+        # its generate() may prefill in several calls; tokens after the first come one per call
+        return len(ids) / prefill_s, (len(out) - 1) / (elapsed - prefill_s), len(out), calls[0]
 
     run()
     results = [run() for _ in range(args.runs)]
@@ -82,6 +86,7 @@ def main() -> None:
         "prefill": statistics.median(r[0] for r in results),
         "decode": statistics.median(r[1] for r in results),
         "generated": results[0][2],
+        "forward_calls": results[0][3],
     }))
 
 
