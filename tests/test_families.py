@@ -198,3 +198,26 @@ def test_bidirectional_variant_is_refused(tmp_path):
     config = tiny.gemma3_text_config(use_bidirectional_attention=True).to_dict()
     with pytest.raises(UnsupportedModelError, match="bidirectional"):
         export_to_pte(_config_dir(tmp_path, config), recipe("xnnpack-fp32"), tmp_path / "out")
+
+
+def test_cpp_text_llm_runner_runs_window_and_softcap_programs(exported):
+    """ExecuTorch's C++ runner reads the same program: Gemma2's masked and softcapped attention
+    included, with a prompt past the window."""
+    from executorch.extension.llm.runner import GenerationConfig, TextLLMRunner
+
+    from et_transformers.runtime import load_kernel_libraries
+
+    model, et_model = exported("gemma2")
+    folder = et_model.pte_path.parent
+    load_kernel_libraries()
+    tok = tiny.make_tokenizer()
+    prompt = "Paris is the capital of France. Rome is the capital of Italy. Berlin is the capital of"
+    ids = tok(prompt, return_tensors="pt").input_ids
+    assert ids.shape[-1] > tiny.WINDOW
+    runner = TextLLMRunner(str(folder / "model.pte"), str(folder / "tokenizer.json"))
+    pieces: list[str] = []
+    runner.generate(prompt, GenerationConfig(max_new_tokens=NEW_TOKENS, temperature=0.0, echo=False), pieces.append)
+    with torch.no_grad():
+        expected = model.generate(ids, max_new_tokens=NEW_TOKENS, do_sample=False)
+    assert expected.shape[-1] - ids.shape[-1] >= 8  # not an immediate EOS
+    assert "".join(pieces) == tok.decode(expected[0, ids.shape[-1]:])
