@@ -1,7 +1,8 @@
 """et_transformers: run Hugging Face causal language models on ExecuTorch with the transformers API.
 
 Public surface: :class:`ETModelForCausalLM`, :class:`ExportConfig`, :func:`export_to_pte`,
-:class:`Exporter`, :class:`GenerationStats`, :class:`ChatSession` and the errors.
+:class:`Exporter`, :class:`GenerationStats`, :class:`ChatSession`, the errors and
+:data:`SUPPORTED_MODEL_TYPES` (what exports, with :data:`MODEL_TYPE_ALIASES`).
 Heavy modules load lazily, so ``import et_transformers`` is cheap and loading an exported model
 never imports the export stack.
 """
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from .architectures import MODEL_TYPE_ALIASES, SUPPORTED_MODEL_TYPES
 from .config import ExportConfig
 from .errors import (
     CacheError,
@@ -45,8 +47,10 @@ __all__ = [
     "GenerationStats",
     "HubError",
     "InvalidConfigError",
+    "MODEL_TYPE_ALIASES",
     "ModelNotFoundError",
     "ProgramError",
+    "SUPPORTED_MODEL_TYPES",
     "UnsupportedModelError",
     "export_to_pte",
 ]

@@ -178,6 +178,7 @@ class Generator:
         prompt = plan_.input_ids[b : b + 1]  # [1, L], left padding included (what transformers' row holds)
         tokens = prompt[0][plan_.attention_mask[b].bool()].unsqueeze(0)  # [1, n]
         context = self.program.metadata.max_context_len
+        rebuild_at = self.program.metadata.cache_rebuild_len
         # The row's ids live in one buffer; processors and criteria see a view of its filled part.
         ids_buffer = torch.empty(1, max(gc.max_length, prompt.shape[-1]) + 1, dtype=torch.long)
         ids_buffer[:, : prompt.shape[-1]] = prompt
@@ -216,7 +217,12 @@ class Generator:
                     stacklevel=4,
                 )
                 break
-            logits = self.program.decode(token, pos)
+            if pos == rebuild_at:
+                # This call takes the sequence past the program's cache_rebuild_len: like
+                # transformers' generate(), run the whole sequence again (see runtime.ProgramMetadata).
+                logits = self.prefill(torch.cat([tokens, ids_buffer[:, prompt.shape[-1] : length]], dim=1))
+            else:
+                logits = self.program.decode(token, pos)
             pos += 1
         stats.decode_time += time.perf_counter() - t_first
         return ids_buffer[:, :length]

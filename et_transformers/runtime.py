@@ -66,6 +66,9 @@ class ProgramMetadata:
         enable_dynamic_shape: whether ``forward`` accepts any prompt length up to ``max_seq_len``.
         all_logits: whether ``forward`` returns every position's logits (an evaluation program)
             rather than the last position's.
+        cache_rebuild_len: when a sequence first grows past this many tokens, the KV cache must
+            be rebuilt by running the whole sequence again from position 0 (Phi-3's longrope
+            switches to its long factors for every position, as transformers does); None: never.
     """
 
     max_seq_len: int
@@ -77,6 +80,7 @@ class ProgramMetadata:
     use_kv_cache: bool
     enable_dynamic_shape: bool
     all_logits: bool = False
+    cache_rebuild_len: int | None = None
 
 
 class Program:
@@ -142,6 +146,7 @@ class Program:
             use_kv_cache=bool(get("use_kv_cache", True)),
             enable_dynamic_shape=bool(get("enable_dynamic_shape", False)),
             all_logits=len(self._module.method_meta("forward").output_tensor_meta(0).sizes()) == 3,
+            cache_rebuild_len=(int(get("get_cache_rebuild_len", 0)) or None),
         )
 
     def _check(self, input_ids: torch.Tensor, start_pos: int) -> None:
@@ -210,9 +215,21 @@ class Program:
 
         One call on an evaluation program (``logits="all"``); on a generation program, one call
         per token, each returning its own position's logits (exact, S times slower).
+
+        Raises:
+            ValueError: on a generation program, a sequence that passes its ``cache_rebuild_len``
+                (one-token calls cannot reproduce those logits exactly).
         """
         if self.metadata.all_logits:
             return self._run(input_ids, start_pos)
+        rebuild = self.metadata.cache_rebuild_len
+        if rebuild is not None and start_pos + input_ids.shape[-1] > rebuild:
+            raise ValueError(
+                f"{input_ids.shape[-1]} tokens from position {start_pos} pass this program's "
+                f"cache_rebuild_len={rebuild}: the model then uses other rotary factors for every "
+                f"position, which one-token calls cannot reproduce. Export an evaluation program "
+                f"(logits='all') for per-position logits of longer sequences."
+            )
         rows = [self.forward(input_ids[:, i : i + 1], start_pos + i) for i in range(input_ids.shape[-1])]
         return torch.stack(rows, dim=1)
 

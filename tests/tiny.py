@@ -77,6 +77,176 @@ def llama_config(**overrides):
     return LlamaConfig(**base)
 
 
+#: Token ids shared by every tiny config (they match ``make_tokenizer``'s specials).
+TOKEN_IDS = {"bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 0}
+#: Sliding window of the tiny sliding-window families: short prompts already cross it.
+WINDOW = 16
+#: Original (pre-scaling) context of the tiny rope-scaled configs: the golden prompts cross it.
+ORIGINAL_CONTEXT = 32
+
+_SMALL = dict(vocab_size=VOCAB_SIZE, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+              num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+              initializer_range=0.2, **TOKEN_IDS)
+
+
+# Gemma ties its head to an embedding scaled by sqrt(hidden): with random weights every token then
+# predicts itself and greedy output collapses to one repeated id, which would prove nothing.
+_UNTIED = {"tie_word_embeddings": False}
+
+
+def _config(class_name: str, **fields):
+    import transformers
+
+    return getattr(transformers, class_name)(**fields)
+
+
+def mistral_config(**overrides):
+    """A 2-layer Mistral with a sliding window of ``WINDOW`` tokens."""
+    return _config("MistralConfig", **{**_SMALL, "sliding_window": WINDOW, **overrides})
+
+
+def qwen2_config(**overrides):
+    """A 2-layer Qwen2 (q/k/v biases)."""
+    return _config("Qwen2Config", **{**_SMALL, **overrides})
+
+
+def qwen3_config(**overrides):
+    """A 2-layer Qwen3 (QK-norm, explicit head_dim); its second layer has a sliding window."""
+    return _config("Qwen3Config", **{
+        **_SMALL, "head_dim": 16, "use_sliding_window": True, "sliding_window": WINDOW,
+        "max_window_layers": 1, **overrides,
+    })
+
+
+def phi3_config(**overrides):
+    """A 2-layer Phi-3 (fused qkv and gate_up projections)."""
+    return _config("Phi3Config", **{**_SMALL, "original_max_position_embeddings": 512, **overrides})
+
+
+def phi3_longrope_config(**overrides):
+    """Phi-4-mini's shape in small: partial rotary (0.75), tied head and longrope over
+    ``ORIGINAL_CONTEXT``; plus Phi-3-mini's sliding window."""
+    rotary_half = int(16 * 0.75) // 2
+    rope = {
+        "rope_type": "longrope",
+        "short_factor": [1.0 + 0.1 * i for i in range(rotary_half)],
+        "long_factor": [1.5 + 0.5 * i for i in range(rotary_half)],
+        "partial_rotary_factor": 0.75,
+        "rope_theta": 10000.0,
+    }
+    return phi3_config(
+        max_position_embeddings=4 * ORIGINAL_CONTEXT,
+        original_max_position_embeddings=ORIGINAL_CONTEXT,
+        rope_parameters=rope,
+        tie_word_embeddings=True,
+        sliding_window=WINDOW,
+        **overrides,
+    )
+
+
+def gemma_config(**overrides):
+    """A 2-layer Gemma (scaled embeddings, (1 + w) RMSNorm, GeLU-tanh MLP)."""
+    return _config("GemmaConfig", **{**_SMALL, **_UNTIED, "head_dim": 16, "num_key_value_heads": 1, **overrides})
+
+
+def gemma2_config(**overrides):
+    """A 2-layer Gemma2: sliding then global attention, attention and final logit softcapping
+    (caps low enough that random weights reach them; Gemma2's own 50/30 would never bind here)."""
+    return _config("Gemma2Config", **{
+        **_SMALL, **_UNTIED, "initializer_range": 0.3, "head_dim": 16, "sliding_window": WINDOW, "query_pre_attn_scalar": 16,
+        "attn_logit_softcapping": 2.0, "final_logit_softcapping": 5.0, **overrides,
+    })
+
+
+def gemma3_text_config(**overrides):
+    """A 2-layer Gemma3 text model: one local (sliding, own rope base) and one global layer,
+    QK-norm, linear rope scaling on the global layer (as the 4B+ checkpoints have)."""
+    return _config("Gemma3TextConfig", **{
+        **_SMALL, **_UNTIED, "initializer_range": 0.3, "head_dim": 16, "sliding_window": WINDOW,
+        "query_pre_attn_scalar": 16, "sliding_window_pattern": 2, "rope_theta": 1_000_000.0,
+        "rope_local_base_freq": 10_000.0, "rope_scaling": {"rope_type": "linear", "factor": 8.0},
+        **overrides,
+    })
+
+
+def gpt2_config(**overrides):
+    """A 2-layer GPT-2: learned positions, Conv1D projections, tied head."""
+    fields = dict(vocab_size=VOCAB_SIZE, n_embd=64, n_layer=2, n_head=4, n_positions=128,
+                  initializer_range=0.2, **TOKEN_IDS)
+    return _config("GPT2Config", **{**fields, **overrides})
+
+
+def gpt_neox_config(**overrides):
+    """A 2-layer GPT-NeoX: partial rotary (25%), parallel residual, fused qkv."""
+    fields = {k: v for k, v in _SMALL.items() if k != "num_key_value_heads"}
+    return _config("GPTNeoXConfig", **{**fields, "rotary_pct": 0.25, **overrides})
+
+
+def olmo_config(**overrides):
+    """A 2-layer OLMo (non-parametric LayerNorm, q/k/v clipping)."""
+    return _config("OlmoConfig", **{**_SMALL, "clip_qkv": 2.0, **overrides})
+
+
+def olmo2_config(**overrides):
+    """A 2-layer OLMo2 (post-norms, QK-norm over all heads); smaller weights keep its greedy
+    output varied."""
+    return _config("Olmo2Config", **{**_SMALL, "initializer_range": 0.1, **overrides})
+
+
+def granite_config(**overrides):
+    """A 2-layer Granite (embedding, residual, attention and logit multipliers)."""
+    return _config("GraniteConfig", **{
+        **_SMALL, "embedding_multiplier": 4.0, "residual_multiplier": 0.5,
+        "attention_multiplier": 0.2, "logits_scaling": 2.0, **overrides,
+    })
+
+
+def smollm3_config(**overrides):
+    """A 2-layer SmolLM3: its second layer has no rotary embedding (NoPE)."""
+    return _config("SmolLM3Config", **{**_SMALL, "no_rope_layers": [1, 0], **overrides})
+
+
+def llama3_rope_config(**overrides):
+    """Llama with llama3 rope scaling over an original context of ``ORIGINAL_CONTEXT``."""
+    rope = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+            "original_max_position_embeddings": ORIGINAL_CONTEXT, "rope_theta": 10000.0}
+    return llama_config(rope_parameters=rope, **overrides)
+
+
+def yarn_rope_config(**overrides):
+    """Qwen2 with YaRN rope scaling (factor 4 over ``ORIGINAL_CONTEXT``)."""
+    rope = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": ORIGINAL_CONTEXT,
+            "rope_theta": 10000.0}
+    return qwen2_config(max_position_embeddings=4 * ORIGINAL_CONTEXT, rope_parameters=rope, **overrides)
+
+
+def dynamic_rope_config(**overrides):
+    """Llama with dynamic NTK rope scaling past ``ORIGINAL_CONTEXT`` positions."""
+    rope = {"rope_type": "dynamic", "factor": 4.0, "rope_theta": 10000.0}
+    return llama_config(max_position_embeddings=ORIGINAL_CONTEXT, rope_parameters=rope, **overrides)
+
+
+#: Golden-test cases: id -> config builder. One per family; rope-scaling variants ride on the
+#: family that ships them (Llama 3.x: llama3, Qwen2.5: YaRN, Phi-3/4: longrope, Gemma3: linear).
+FAMILY_CASES = {
+    "llama-llama3rope": llama3_rope_config,
+    "llama-dynamicrope": dynamic_rope_config,
+    "smollm3": smollm3_config,
+    "mistral": mistral_config,
+    "qwen2-yarn": yarn_rope_config,
+    "qwen3": qwen3_config,
+    "phi3-longrope": phi3_longrope_config,
+    "gemma": gemma_config,
+    "gemma2": gemma2_config,
+    "gemma3_text": gemma3_text_config,
+    "gpt2": gpt2_config,
+    "gpt_neox": gpt_neox_config,
+    "olmo": olmo_config,
+    "olmo2": olmo2_config,
+    "granite": granite_config,
+}
+
+
 def make_model(config, seed: int = 0):
     """A random-weight ``*ForCausalLM`` for ``config`` (deterministic for a seed)."""
     from transformers import AutoModelForCausalLM

@@ -9,7 +9,18 @@ rewriting each family's attention module:
   copy) and returns the whole buffers;
 * :func:`custom_sdpa_attention`, registered as ``"et_custom_sdpa"``, runs ``llama.custom_sdpa``
   on those buffers; it masks causally from the current start position itself, so no mask tensor
-  is built.
+  is built for ordinary layers.
+
+Two family features need more, and only the layers that have them pay for it:
+
+* sliding-window layers (Mistral, Gemma2/3 local layers, Qwen2/3 and Phi-3 when configured) keep
+  the full cache; ``custom_sdpa`` gets an explicit ``[S, max_seq_len]`` additive mask that allows
+  key ``k`` for query ``q`` iff ``q - window < k <= q`` (transformers' rule), so the window is exact
+  at every position and the whole ``max_seq_len`` context stays usable. A window at least as long
+  as the cache excludes nothing and takes the fast path;
+* attention-logit softcapping (Gemma2) is not something ``custom_sdpa`` can do, so those layers run
+  transformers' eager attention math (``tanh`` capping, mask, float32 softmax) in plain torch over
+  the same cache buffers.
 
 With an int8 cache (``kv_cache_dtype="int8"``), keys and values are quantized per token and head
 (asymmetric int8, ExecuTorch's ``quantized_decomposed`` ops) before the update, their scales and
@@ -76,14 +87,34 @@ class StaticKVCache(Cache):
             keep no cache).
 
     The wrapper sets :attr:`start_pos` (a python or symbolic int: the cache position of the first
-    token of the current call) before each forward.
+    token of the current call) and :attr:`positions` (``[S]``, the call's cache positions) before
+    each forward.
     """
 
     def __init__(self, layers: list[LayerKV | None]):
         super().__init__(layers=[])
         self.kv = layers
         self.start_pos: int | torch.SymInt = 0
+        self.positions: torch.Tensor | None = None
         self.current: LayerKV | None = None
+        self._masks: dict[tuple[int | None, torch.dtype], torch.Tensor] = {}
+
+    def mask(self, window: int | None, dtype: torch.dtype) -> torch.Tensor:
+        """The call's additive mask ``[S, max_seq_len]``: 0 where query ``q`` may see key ``k``
+        (``k <= q``, and ``k > q - window`` when ``window`` is set), ``-inf`` elsewhere.
+
+        Built once per call and window, and shared by every layer that asks for it.
+        """
+        key = (window, dtype)
+        if key not in self._masks:
+            q = self.positions.unsqueeze(1)  # [S, 1]
+            k = torch.arange(self.get_max_length(), dtype=q.dtype).unsqueeze(0)  # [1, L]
+            allowed = k <= q
+            if window is not None:
+                allowed = allowed & (k > q - window)
+            zero = torch.zeros((), dtype=dtype)
+            self._masks[key] = torch.where(allowed, zero, torch.full((), float("-inf"), dtype=dtype))
+        return self._masks[key]
 
     def update(self, key_states, value_states, layer_idx, *args, **kwargs):
         """Write ``key_states``/``value_states`` ([B, H, S, D]) at ``start_pos``; return the buffers."""
@@ -111,7 +142,15 @@ class StaticKVCache(Cache):
         return next(layer for layer in self.kv if layer is not None).k.shape[1]
 
 
-def custom_sdpa_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+def needs_window_mask(sliding_window: int | None, max_seq_len: int) -> bool:
+    """Whether a ``sliding_window`` excludes any key inside a cache of ``max_seq_len`` positions."""
+    return sliding_window is not None and sliding_window < max_seq_len
+
+
+def custom_sdpa_attention(
+    module, query, key, value, attention_mask, scaling=None, dropout=0.0, sliding_window=None, softcap=None,
+    **kwargs,
+):
     """Attention over the static cache with ``llama.custom_sdpa`` (causal from ``start_pos``).
 
     Args:
@@ -121,6 +160,8 @@ def custom_sdpa_attention(module, query, key, value, attention_mask, scaling=Non
             :meth:`StaticKVCache.update`.
         attention_mask: ignored: causality comes from ``start_pos`` (padding is never in the cache).
         scaling: softmax scale.
+        sliding_window: the layer's window (transformers passes it for sliding layers), or None.
+        softcap: attention-logit softcapping (Gemma2), or None.
         kwargs: must carry ``et_cache``, the :class:`StaticKVCache` of the call.
 
     Returns:
@@ -129,14 +170,57 @@ def custom_sdpa_attention(module, query, key, value, attention_mask, scaling=Non
     cache: StaticKVCache = kwargs["et_cache"]
     q = query.transpose(1, 2)  # [B, S, H, D]
     layer = cache.current
+    window = sliding_window if needs_window_mask(sliding_window, key.shape[1]) else None
+    if softcap is not None:
+        return softcapped_attention(query, layer, cache.mask(window, query.dtype), scaling, softcap), None
+    mask = None if window is None else cache.mask(window, q.dtype if not layer.quantized else torch.float32)
+    is_causal = mask is None
     if not layer.quantized:
-        return torch.ops.llama.custom_sdpa(q, key, value, cache.start_pos, None, 0.0, True, scaling), None
+        return torch.ops.llama.custom_sdpa(q, key, value, cache.start_pos, mask, 0.0, is_causal, scaling), None
     q8, q_scales, q_zeros = quantize_per_token(q.float())
     out = torch.ops.llama.custom_quantized_sdpa(
-        q8, key, value, cache.start_pos, None, 0.0, True, scaling,
+        q8, key, value, cache.start_pos, mask, 0.0, is_causal, scaling,
         q_zeros, q_scales, layer.k_zeros, layer.k_scales, layer.v_zeros, layer.v_scales,
     )
     return out.to(query.dtype), None
+
+
+def _dequantized(values: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, dtype: torch.dtype):
+    """The inverse of :func:`quantize_per_token`, as one op (XNNPACK leaves it to the portable kernels)."""
+    qd = torch.ops.quantized_decomposed
+    return qd.dequantize_per_token(values, scales, zeros.to(torch.int64), -128, 127, torch.int8, dtype)
+
+
+def softcapped_attention(
+    query: torch.Tensor, layer: LayerKV, mask: torch.Tensor, scaling: float, softcap: float
+) -> torch.Tensor:
+    """Transformers' eager attention with logit softcapping, over the whole cache.
+
+    Args:
+        query: ``[1, heads, S, head_dim]``.
+        layer: the layer's cache buffers ``[1, L, kv_heads, head_dim]`` (int8 ones are dequantized).
+        mask: additive ``[S, L]`` (causal, and the window when the layer has one).
+        scaling: softmax scale.
+        softcap: logits become ``tanh(logits / softcap) * softcap`` before masking.
+
+    Returns:
+        ``[1, S, heads, head_dim]``.
+    """
+    k, v = layer.k, layer.v
+    if layer.quantized:
+        k = _dequantized(k, layer.k_scales, layer.k_zeros, query.dtype)
+        v = _dequantized(v, layer.v_scales, layer.v_zeros, query.dtype)
+    kv_heads = k.shape[2]
+    # Grouped-query attention by broadcasting, not by repeating the cache: query heads grouped per
+    # kv head ([kv_heads, groups, S, D]) against keys [kv_heads, 1, D, L]. (Merging the groups into
+    # one 3-D bmm makes torch.export guard on the sequence length.)
+    qg = query.unflatten(1, (kv_heads, -1))[0]  # [kv_heads, groups, S, D]
+    scores = torch.matmul(qg, k[0].permute(1, 2, 0).unsqueeze(1)) * scaling  # [kv_heads, groups, S, L]
+    scores = torch.tanh(scores / softcap) * softcap
+    scores = scores + mask
+    probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
+    out = torch.matmul(probs, v[0].transpose(0, 1).unsqueeze(1))  # [kv_heads, groups, S, D]
+    return out.flatten(0, 1).transpose(0, 1).unsqueeze(0)  # [1, S, heads, D]
 
 
 def register_attention() -> str:

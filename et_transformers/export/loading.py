@@ -1,9 +1,11 @@
 """Load stage: a resolved :class:`~et_transformers.hub.ModelSource` → transformers model, tokenizer, configs.
 
 The architecture check runs on the config alone, before any weight is read, so an unsupported
-model fails in milliseconds. Weights load in float32 (GGUF files are dequantized by transformers'
-``gguf_file=`` support); the dtype stage converts later. Pickled weights are loaded only when the
-source allows them (``use_safetensors=False``).
+model (or a context its position table cannot hold) fails in milliseconds. The model class comes
+from :data:`~et_transformers.architectures.SUPPORTED_MODEL_TYPES`, so a supported type always runs
+transformers' own implementation, the one the golden tests compare against. Weights load in float32
+(GGUF files are dequantized by transformers' ``gguf_file=`` support); the dtype stage converts later.
+Pickled weights are loaded only when the source allows them (``use_safetensors=False``).
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from typing import Any
 
 import torch
 
-from ..architectures import Architecture, resolve_architecture
+from ..architectures import Architecture, check_config, resolve_architecture
 from ..errors import ModelNotFoundError, UnsupportedModelError
 from ..hub import ModelSource
 
@@ -41,12 +43,18 @@ class LoadedModel:
     architecture: Architecture
 
 
-def load_config(source: ModelSource, *, trust_remote_code: bool = False):
+def load_config(source: ModelSource, *, trust_remote_code: bool = False, max_seq_len: int | None = None):
     """Load and check the model config only (cheap).
+
+    Args:
+        source: the resolved model files.
+        trust_remote_code: allow a config that declares custom code (``auto_map``).
+        max_seq_len: the context the program will hold, checked against the architecture's limits.
 
     Raises:
         UnsupportedModelError: the architecture is not supported, or needs remote code that
             ``trust_remote_code`` does not allow.
+        InvalidConfigError: ``max_seq_len`` exceeds what the architecture can hold.
         ModelNotFoundError: the config cannot be read.
     """
     from transformers import AutoConfig
@@ -69,7 +77,12 @@ def load_config(source: ModelSource, *, trust_remote_code: bool = False):
         raise ModelNotFoundError(f"cannot read the config of {source.name}: {e}") from e
     except OSError as e:
         raise ModelNotFoundError(f"cannot read the config of {source.name}: {e}") from e
-    resolve_architecture(config)
+    check_config(config, max_seq_len)
+    if raw.get("auto_map"):
+        logger.info(
+            "%s declares custom code; its %r model is exported with transformers' own implementation.",
+            source.name, config.model_type,
+        )
     return config
 
 
@@ -85,19 +98,25 @@ def _read_config_json(source: ModelSource) -> dict:
         raise ModelNotFoundError(f"{path} is not valid JSON: {e}") from e
 
 
-def load_model(source: ModelSource, *, trust_remote_code: bool = False) -> LoadedModel:
+def load_model(source: ModelSource, *, trust_remote_code: bool = False, max_seq_len: int | None = None) -> LoadedModel:
     """Load model, tokenizer and configs from ``source``.
 
+    Args:
+        source: the resolved model files.
+        trust_remote_code: allow a config that declares custom code (the model itself is always
+            transformers' implementation of its ``model_type``).
+        max_seq_len: the context the program will hold (checked before any weight is read).
+
     Raises:
-        UnsupportedModelError: see :func:`load_config`.
+        UnsupportedModelError, InvalidConfigError: see :func:`load_config`.
         ModelNotFoundError: files are missing or unreadable.
     """
-    from optimum.exporters.tasks import TasksManager
+    import transformers
     from transformers import AutoTokenizer
 
-    config = load_config(source, trust_remote_code=trust_remote_code)
+    config = load_config(source, trust_remote_code=trust_remote_code, max_seq_len=max_seq_len)
     architecture = resolve_architecture(config)
-    model_class = TasksManager.get_model_class_for_task("text-generation", model_type=config.model_type)
+    model_class = getattr(transformers, architecture.model_class)
     logger.info("Loading %s (%s) with %s", source.name, config.model_type, model_class.__name__)
     try:
         model = model_class.from_pretrained(

@@ -29,6 +29,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..architectures import cache_rebuild_length
 from ..config import ExportConfig
 from ..errors import ExportError
 from ..hub import ModelSource, resolve
@@ -37,6 +38,7 @@ from .loading import LoadedModel, load_model
 from .lowering import lower
 from .passes import apply_xnnpack_friendly_rewrites
 from .quantize import quantize_model
+from .transforms import apply_builtin_transforms
 from .wrapper import ExportableCausalLM
 
 logger = logging.getLogger(__name__)
@@ -152,21 +154,25 @@ class Exporter:
     def load(self) -> "Exporter":
         """Load model, tokenizer and configs (float32, eval mode); checks the architecture first."""
         with self._stage("load"):
-            self.loaded = load_model(self.source, trust_remote_code=self.trust_remote_code)
+            self.loaded = load_model(
+                self.source, trust_remote_code=self.trust_remote_code, max_seq_len=self.export_config.max_seq_len
+            )
             self.module = self.loaded.model
         return self
 
     def source_transform(self, transforms: Sequence[Callable[[nn.Module], nn.Module]] = ()) -> "Exporter":
         """Apply ``transforms`` to the transformers model, then wrap it for export.
 
-        The built-in transform (always last) swaps attention for ``llama.custom_sdpa`` over a static
-        KV cache of ``max_seq_len`` positions and makes ``forward`` return last-position logits.
+        The built-in transforms (always last) rewrite family-specific parts into exportable
+        equivalents (:mod:`.transforms`), swap attention for ``llama.custom_sdpa`` over a static
+        KV cache of ``max_seq_len`` positions and make ``forward`` return last-position logits.
         """
         self._require("loaded", "load")
         with self._stage("source_transform"):
             model = self.loaded.model
             for transform in transforms:
                 model = transform(model)
+            model = apply_builtin_transforms(model)
             cfg = self.export_config
             self.module = ExportableCausalLM(
                 model, cfg.max_seq_len, kv_cache_dtype=cfg.kv_cache_dtype, logits=cfg.logits
@@ -240,6 +246,9 @@ class Exporter:
         bos = next((b for b in (gen.bos_token_id, config.bos_token_id, tokenizer.bos_token_id) if b is not None), -1)
         module = self._require("module", "source_transform")
         n_layers = getattr(config, "num_hidden_layers", None) or len(module.layer_ids)
+        rebuild = cache_rebuild_length(loaded.architecture, config, self.export_config.max_seq_len)
+        # Our own method (ExecuTorch's runner ignores it): see Architecture.rebuilds_cache_past_original_context.
+        extra = {} if rebuild is None else {"get_cache_rebuild_len": rebuild}
         return {
             "get_max_seq_len": self.export_config.max_seq_len,
             "get_max_context_len": self.export_config.max_seq_len,
@@ -249,6 +258,7 @@ class Exporter:
             "use_kv_cache": True,
             "enable_dynamic_shape": True,
             "get_n_layers": int(n_layers),
+            **extra,
         }
 
     def lower(self, partitioners: Iterable | None = None, *, generate_etrecord: bool = False) -> "Exporter":

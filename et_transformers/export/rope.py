@@ -71,10 +71,20 @@ def recording_rotate_half(model: nn.Module, widths: set[int]):
     return rotate_half
 
 
-def matmul_rotate_half(owner: nn.Module):
-    """A ``rotate_half`` that multiplies by ``owner``'s rotation buffer for the input's width."""
+def matmul_rotate_half(owner: nn.Module, full_widths: set[int] = frozenset()):
+    """A ``rotate_half`` that multiplies by ``owner``'s rotation buffer for the input's width.
+
+    Args:
+        owner: the module holding the rotation buffers.
+        full_widths: head sizes; a narrower input is a partial-rotary slice (GPT-NeoX, Phi-4-mini)
+            whose strides make ``torch.export`` guard on the sequence length inside ``linear``, so
+            it is made contiguous first (a copy of the rotated part only).
+    """
 
     def rotate_half(x: torch.Tensor) -> torch.Tensor:
-        return torch.nn.functional.linear(x, getattr(owner, buffer_name(x.shape[-1])))
+        width = x.shape[-1]
+        if width not in full_widths:
+            x = x.contiguous()
+        return torch.nn.functional.linear(x, getattr(owner, buffer_name(width)))
 
     return rotate_half

@@ -87,6 +87,7 @@ class ExportableCausalLM(nn.Module):
         self.all_logits = logits == "all"
         layout, rotary_widths = probe_model(model)
         self.layer_ids = sorted(layout)
+        self.head_dims = {int(layout[i][0][3]) for i in self.layer_ids}
         quantized = kv_cache_dtype == "int8"
         for idx in self.layer_ids:
             k_shape, v_shape, dtype = layout[idx]
@@ -117,7 +118,7 @@ class ExportableCausalLM(nn.Module):
 
     def for_export(self):
         """Context manager: inside it, RoPE's ``rotate_half`` runs as a delegable matmul."""
-        return rope.swap_rotate_half(self.model, rope.matmul_rotate_half(self))
+        return rope.swap_rotate_half(self.model, rope.matmul_rotate_half(self, self.head_dims))
 
     def kv_cache_bytes(self) -> int:
         """Bytes of all key/value buffers (and their quantization parameters)."""
@@ -144,6 +145,7 @@ class ExportableCausalLM(nn.Module):
         torch._check(start + input_ids.shape[1] <= self.max_seq_len)
         cache = self._cache()
         cache.start_pos = start
+        cache.positions = cache_position
         out = self.model(
             input_ids=input_ids,
             position_ids=cache_position.unsqueeze(0),
