@@ -50,7 +50,7 @@ SUPPORTED_MODEL_TYPES: dict[str, Architecture] = {
         Architecture(
             "llama", "Llama", "LlamaForCausalLM",
             examples=("meta-llama/Llama-3.2-1B-Instruct", "HuggingFaceTB/SmolLM2-135M-Instruct"),
-            features=("GQA", "llama3 / linear / dynamic RoPE scaling"),
+            features=("GQA", "llama3 and dynamic (NTK) RoPE scaling"),
         ),
         Architecture(
             "smollm3", "SmolLM3", "SmolLM3ForCausalLM",
@@ -92,7 +92,8 @@ SUPPORTED_MODEL_TYPES: dict[str, Architecture] = {
         Architecture(
             "gemma3_text", "Gemma3 (text)", "Gemma3ForCausalLM",
             examples=("google/gemma-3-1b-it", "google/gemma-3-270m"),
-            features=("hybrid local/global attention", "per-layer-type RoPE", "QK-norm"),
+            features=("hybrid local/global attention", "per-layer-type RoPE, linear scaling on global layers",
+                      "QK-norm"),
         ),
         Architecture(
             "gpt2", "GPT-2", "GPT2LMHeadModel",

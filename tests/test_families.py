@@ -53,10 +53,9 @@ def exported(tmp_path_factory):
     def export(case: str):
         if case not in done:
             folder = tmp_path_factory.mktemp(case)
-            config = tiny.FAMILY_CASES[case]()
-            source = tiny.make_model_dir(folder / "source", config)
-            config = recipe("xnnpack-fp32", max_seq_len=MAX_SEQ_LEN)
-            Exporter.from_pretrained(source, config, progress=False).run(folder / "program")
+            source = tiny.make_model_dir(folder / "source", tiny.FAMILY_CASES[case]())
+            export_config = recipe("xnnpack-fp32", max_seq_len=MAX_SEQ_LEN)
+            Exporter.from_pretrained(source, export_config, progress=False).run(folder / "program")
             model = tiny.make_model(tiny.FAMILY_CASES[case]())
             done[case] = model, ETModelForCausalLM.from_pretrained(folder / "program")
         return done[case]
@@ -74,7 +73,7 @@ def test_greedy_matches_transformers(case, exported):
         # fp32 on both sides; XNNPACK's GELU/tanh kernels differ from ATen's by up to ~2e-4 of the
         # logits' range (Gemma family), everything else by far less.
         scale = float(eager_logits.abs().max())
-        torch.testing.assert_close(et_model._generator.program.forward(prompt, 0), eager_logits,
+        torch.testing.assert_close(et_model.program.forward(prompt, 0), eager_logits,
                                    atol=5e-4 * scale, rtol=0)
         expected = eager_greedy(model, prompt)
         assert len(set(expected)) >= 8, f"{case}: degenerate tiny model, the comparison would prove little"
@@ -125,7 +124,7 @@ def test_phi3_rebuilds_the_cache_when_longrope_switches(exported):
     """Crossing the original context mid-generation needs transformers' cache rebuild: without it
     the tokens differ; with it (the default) they are the eager ones."""
     model, et_model = exported("phi3-longrope")
-    program = et_model._generator.program
+    program = et_model.program
     assert program.metadata.cache_rebuild_len == tiny.ORIGINAL_CONTEXT
     prompt = prompt_of(20)  # 20 + 24 tokens cross 32
     expected = eager_greedy(model, prompt)
