@@ -167,8 +167,8 @@ def cmd_chat(args: argparse.Namespace) -> int:
         try:
             line = input(">>> ") if interactive else sys.stdin.readline()
         except EOFError:
-            line = ""
-        if not line:  # Ctrl-D / end of input
+            line = None
+        if line is None or (not interactive and line == ""):  # Ctrl-D / end of input
             if interactive:
                 _err()
             return 0

@@ -183,6 +183,8 @@ class Generator:
         ids_buffer = torch.empty(1, max(gc.max_length, prompt.shape[-1]) + 1, dtype=torch.long)
         ids_buffer[:, : prompt.shape[-1]] = prompt
         length = prompt.shape[-1]
+        if rebuild_at is not None and cached_prefix <= rebuild_at < tokens.shape[-1]:
+            cached_prefix = 0  # the cached keys used the short rope factors; this call needs the long ones
         t0 = time.perf_counter()
         logits = self.prefill(tokens[:, cached_prefix:], cached_prefix)  # [1, V]
         stats.prefill_time += time.perf_counter() - t0

@@ -23,7 +23,8 @@ from .config import recipe as make_recipe
 from .manifest import Manifest
 
 #: The card template (``string.Template`` syntax: ``${name}``).
-TEMPLATE_PATH = Path(__file__).resolve().parents[1] / "model_cards" / "template.md"
+#: Shipped inside the package (``model_cards/template.md`` in the repository links to it).
+TEMPLATE_PATH = Path(__file__).resolve().parent / "templates" / "model_card.md"
 #: ``benchmarks/quality.py --write`` replaces the text between these markers.
 QUALITY_MARKERS = ("<!-- quality-table:start -->", "<!-- quality-table:end -->")
 

@@ -320,7 +320,6 @@ class ETModelForCausalLM:
         if (path.parent / "manifest.json").is_file() and path.name == PTE_NAME:
             manifest = Manifest.read(path.parent)
             manifest.check_runtime(where=str(path))
-            manifest.verify_pte(path)
         if isinstance(tokenizer, (str, os.PathLike)):
             from transformers import AutoTokenizer
 
@@ -333,6 +332,7 @@ class ETModelForCausalLM:
             tokenizer=tokenizer,
             config=config,
             generation_config=generation_config,
+            verify=manifest is not None,
         )
 
     # -- saving and sharing --------------------------------------------------------------

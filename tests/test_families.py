@@ -139,6 +139,20 @@ def test_phi3_rebuilds_the_cache_when_longrope_switches(exported):
         program.forward_all(prompt_of(40), 0)
 
 
+def test_phi3_cached_prefix_that_crosses_the_switch_is_prefilled_again(exported):
+    """A chat turn whose prompt crosses the original context cannot reuse keys cached with the
+    short factors: the generator prefills everything again, so it equals a full prefill."""
+    model, et_model = exported("phi3-longrope")
+    prompt = prompt_of(40)
+    history = prompt[:, :20]
+    et_model.generate(history, max_new_tokens=1, do_sample=False, eos_token_id=None)  # cache: 20 short-factor keys
+    out, stats = et_model._generator.generate(
+        et_model.generation_config, prompt, cached_prefix=20, max_new_tokens=8, do_sample=False, eos_token_id=None
+    )
+    assert stats.prompt_tokens == 40
+    assert out[0, 40:].tolist() == eager_greedy(model, prompt)[:8]
+
+
 # -- int8 KV cache on the special attention paths (eager wrapper: no export needed) -------------
 
 
