@@ -74,14 +74,6 @@ def _streamer(tokenizer):
     return TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
 
 
-def _encode(tokenizer, prompt: str, chat: bool):
-    if chat:
-        return tokenizer.apply_chat_template(
-            [{"role": "user", "content": prompt}], add_generation_prompt=True, return_tensors="pt", return_dict=True
-        )["input_ids"]
-    return tokenizer(prompt, return_tensors="pt").input_ids
-
-
 def _require_tokenizer(model, args):
     if model.tokenizer is None:
         raise ETTransformersError(f"{args.model} has no tokenizer; cannot encode a text prompt.")
@@ -134,7 +126,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
     """Generate text for a prompt, streaming tokens as they are produced."""
     model = _load(args)
     tok = _require_tokenizer(model, args)
-    ids = _encode(tok, args.prompt, args.chat)
+    from .profiling import encode_prompt
+
+    ids = encode_prompt(tok, args.prompt, args.chat)
     model.generate(ids, streamer=_streamer(tok), **_generation_kwargs(args))
     if args.stats:
         _err(model.stats.summary())

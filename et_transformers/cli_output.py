@@ -13,8 +13,7 @@ from collections import Counter
 from collections.abc import Sequence
 from typing import Any
 
-from .config import RECIPES, ExportConfig
-from .config import recipe as make_recipe
+from .config import ExportConfig, recipe_name
 
 
 def table(headers: Sequence[str], rows: Sequence[Sequence[Any]], right: Sequence[int] = ()) -> str:
@@ -56,9 +55,9 @@ def describe_export_config(data: dict[str, Any] | None) -> str:
         cfg = ExportConfig.from_dict(data)
     except ValueError:
         return "?"
-    for name in RECIPES:
-        if make_recipe(name, max_seq_len=cfg.max_seq_len) == cfg:
-            return f"{name}, ctx {cfg.max_seq_len}"
+    name = recipe_name(cfg)
+    if name:
+        return f"{name}, ctx {cfg.max_seq_len}"
     default = ExportConfig().to_dict()
     changed = [f"{k}={v}" for k, v in cfg.to_dict().items() if v != default[k] and k != "max_seq_len"]
     return ", ".join(changed + [f"ctx {cfg.max_seq_len}"])

@@ -258,3 +258,11 @@ def recipe(name: str, **overrides: Any) -> ExportConfig:
     if name not in RECIPES:
         raise InvalidConfigError(f"recipe={name!r} is not known; use one of {sorted(RECIPES)}.")
     return ExportConfig().replace(**{**RECIPES[name], **overrides})
+
+
+def recipe_name(export_config: ExportConfig) -> str | None:
+    """The named recipe ``export_config`` is (at its own context length), or ``None``."""
+    for name in RECIPES:
+        if recipe(name, max_seq_len=export_config.max_seq_len) == export_config:
+            return name
+    return None

@@ -18,8 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .config import RECIPES, ExportConfig
-from .config import recipe as make_recipe
+from .config import ExportConfig, recipe_name
 from .manifest import Manifest
 
 #: The card template (``string.Template`` syntax: ``${name}``).
@@ -97,14 +96,6 @@ class CardData:
     def replace(self, **changes: Any) -> "CardData":
         """A copy with ``changes`` applied (unknown names raise ``TypeError``)."""
         return dataclasses.replace(self, **changes)
-
-
-def recipe_name(export_config: ExportConfig) -> str | None:
-    """The named recipe ``export_config`` is (at its own context length), or ``None``."""
-    for name in RECIPES:
-        if make_recipe(name, max_seq_len=export_config.max_seq_len) == export_config:
-            return name
-    return None
 
 
 def quantization_summary(cfg: ExportConfig) -> dict[str, Any]:

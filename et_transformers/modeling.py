@@ -21,12 +21,12 @@ import torch
 
 from . import hub
 from .cache import ArtifactCache
-from .config import DEFAULT_RECIPE, ExportConfig
+from .config import DEFAULT_RECIPE, ExportConfig, recipe_name
 from .config import recipe as make_recipe
 from .errors import InvalidConfigError, ModelNotFoundError, ProgramError
 from .generation import GenerationStats, Generator, peak_rss_bytes
 from .manifest import PTE_NAME, Manifest
-from .model_card import CardData, recipe_name
+from .model_card import CardData
 from .runtime import Program
 
 logger = logging.getLogger(__name__)

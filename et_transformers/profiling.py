@@ -121,7 +121,8 @@ class _TimedProgram:
         return out
 
 
-def _encode(tokenizer, prompt: str, chat: bool) -> torch.Tensor:
+def encode_prompt(tokenizer, prompt: str, chat: bool) -> torch.Tensor:
+    """``prompt`` as input ids ``[1, n]``; with ``chat``, as a user turn in the tokenizer's chat template."""
     if chat:
         return tokenizer.apply_chat_template(
             [{"role": "user", "content": prompt}], add_generation_prompt=True, return_tensors="pt", return_dict=True
@@ -164,7 +165,7 @@ def profile_generation(
         etrecord_path = model.pte_path.parent / ETRECORD_NAME
 
     t = time.perf_counter()
-    ids = _encode(tokenizer, prompt, chat)
+    ids = encode_prompt(tokenizer, prompt, chat)
     tokenize_s = time.perf_counter() - t
 
     program = Program(model.pte_path, enable_etdump=True)
