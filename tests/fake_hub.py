@@ -215,25 +215,30 @@ def _handler_for(hub: FakeHub):
 
         # -- reads -------------------------------------------------------------------------------
 
-        def _model_info(self, repo_id: str, rev: str) -> None:
-            repo = self._repo(repo_id)
+        def _revision(self, repo_id: str, rev: str, head: bool = False):
+            """``(repo, commit sha)``, or ``(None, None)`` after answering 404 for either."""
+            repo = self._repo(repo_id, head=head)
             if repo is None:
-                return
+                return None, None
             sha = hub._resolve(repo, rev)
             if sha is None:
-                return self._error(404, "RevisionNotFound", f"Invalid rev id: {rev}")
+                self._error(404, "RevisionNotFound", f"Invalid rev id: {rev}", head=head)
+                return None, None
+            return repo, sha
+
+        def _model_info(self, repo_id: str, rev: str) -> None:
+            repo, sha = self._revision(repo_id, rev)
+            if repo is None:
+                return
             tree = repo.commits[sha]
             siblings = [{"rfilename": p, "size": len(hub.blob(d))} for p, d in sorted(tree.items())]
             self._send(200, {"id": repo_id, "modelId": repo_id, "sha": sha, "private": repo.private,
                              "siblings": siblings, "tags": [], "lastModified": "2025-01-01T00:00:00.000Z"})
 
         def _tree(self, repo_id: str, rev: str, under: str) -> None:
-            repo = self._repo(repo_id)
+            repo, sha = self._revision(repo_id, rev)
             if repo is None:
                 return
-            sha = hub._resolve(repo, rev)
-            if sha is None:
-                return self._error(404, "RevisionNotFound", f"Invalid rev id: {rev}")
             prefix = f"{under.rstrip('/')}/" if under else ""
             entries = [
                 {"type": "file", "path": p, "size": len(hub.blob(d)), "oid": _git_oid(hub.blob(d))}
@@ -242,12 +247,9 @@ def _handler_for(hub: FakeHub):
             self._send(200, entries)
 
         def _resolve_file(self, repo_id: str, rev: str, path: str, head: bool) -> None:
-            repo = self._repo(repo_id, head=head)
+            repo, sha = self._revision(repo_id, rev, head=head)
             if repo is None:
                 return
-            sha = hub._resolve(repo, rev)
-            if sha is None:
-                return self._error(404, "RevisionNotFound", f"Invalid rev id: {rev}", head=head)
             digest = repo.commits[sha].get(path)
             if digest is None:
                 return self._error(404, "EntryNotFound", f"{path} does not exist at {rev}", head=head,
