@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import subprocess
 import sys
 import tempfile
 import time
@@ -42,7 +43,13 @@ LLAMA_3_2_1B = dict(
 
 
 def llama_1b_folder(dest: Path) -> Path:
-    """Write a Llama-3.2-1B-shaped random checkpoint (bf16 safetensors) with a byte-level tokenizer."""
+    """Write a Llama-3.2-1B-shaped random checkpoint (bf16 safetensors, as Meta ships it) with a
+    byte-level tokenizer; in a child process, so the export's peak RSS is the export's alone."""
+    subprocess.run([sys.executable, __file__, "--write-llama-1b", str(dest)], check=True)
+    return dest
+
+
+def _write_llama_1b(dest: Path) -> None:
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -50,16 +57,15 @@ def llama_1b_folder(dest: Path) -> Path:
     import tiny
 
     config = LlamaConfig(**LLAMA_3_2_1B)
+    torch.set_default_dtype(torch.bfloat16)  # never a float32 copy of 1.2B parameters
     with torch.device("meta"):
         model = LlamaForCausalLM(config)
-    model = model.to_empty(device="cpu").to(torch.bfloat16)
+    model = model.to_empty(device="cpu")
     torch.manual_seed(0)
     for p in model.parameters():
         torch.nn.init.normal_(p, std=0.02)
     model.save_pretrained(dest)
     tiny.make_tokenizer().save_pretrained(dest)
-    del model
-    return dest
 
 
 def main() -> None:
@@ -71,7 +77,11 @@ def main() -> None:
     parser.add_argument("--max-seq-len", type=int, default=None)
     parser.add_argument("--output", type=Path, default=None, help="keep the exported folder here")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
+    parser.add_argument("--write-llama-1b", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.write_llama_1b:
+        _write_llama_1b(args.write_llama_1b)
+        return
     logging.basicConfig(level=logging.WARNING)
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -101,6 +111,7 @@ def main() -> None:
             "stages_s": {k: round(v, 1) for k, v in exporter.timings.items()},
             "total_s": round(total, 1),
             "peak_rss_gb": round(max(exporter.peak_rss.values()) / 1e9, 2),
+            "peak_rss_after_stage_gb": {k: round(v / 1e9, 2) for k, v in exporter.peak_rss.items()},
             "pte_mb": round(pte.stat().st_size / 1e6, 1),
             "delegated_subgraphs": info.num_delegated_subgraphs,
             "non_delegated_nodes": info.num_non_delegated_nodes,
@@ -109,8 +120,9 @@ def main() -> None:
         print(json.dumps(result))
         return
     print(f"export of {args.config} with {config}")
+    print(f"  {'stage':<16}{'time':>8}   peak RSS so far")
     for stage, seconds in result["stages_s"].items():
-        print(f"  {stage:<16}{seconds:>8.1f} s")
+        print(f"  {stage:<16}{seconds:>8.1f} s {result['peak_rss_after_stage_gb'][stage]:>6.2f} GB")
     print(f"  {'total':<16}{result['total_s']:>8.1f} s")
     print(f"  peak RSS        {result['peak_rss_gb']:>8.2f} GB")
     print(f"  .pte size       {result['pte_mb']:>8.1f} MB")

@@ -210,3 +210,72 @@ def test_recipes():
 def test_bad_quantization_values_list_the_accepted_ones(fields, fragment):
     with pytest.raises(InvalidConfigError, match=fragment):
         ExportConfig(**fields)
+
+
+# -- half-precision checkpoints and memory ---------------------------------------------------------
+
+def _staged(model_dir, fields) -> Exporter:
+    """An exporter run through load → source_transform → to_dtype → quantize (no lowering)."""
+    exporter = Exporter.from_pretrained(model_dir, ExportConfig(max_seq_len=64, **fields), progress=False)
+    return exporter.load().source_transform().to_dtype().quantize()
+
+
+def _tensors(module) -> dict[str, torch.Tensor]:
+    named = dict(module.named_parameters())
+    named.update({n: b for n, b in module.named_buffers(remove_duplicate=False)})
+    return named
+
+
+@pytest.mark.parametrize(
+    "case, fields",
+    [
+        ("llama-llama3rope", RECIPES[DEFAULT_RECIPE]),
+        ("gemma3_text", dict(qlinear="8da4w", qembedding="8w", dtype="bfloat16")),
+        ("gemma3_text", dict(qlinear=None, qembedding=None)),
+    ],
+    ids=["llama-default-recipe", "gemma3-bf16-8da4w", "gemma3-fp32"],
+)
+def test_bf16_checkpoint_exports_exactly_like_a_float32_load(case, fields, tmp_path, monkeypatch):
+    """A bf16 checkpoint loads memory-mapped in bf16 and each layer is cast when quantized, yet the
+    program's weights and buffers are bit-identical to loading everything in float32 first (Gemma3's
+    embedding scale, sqrt(96), is not representable in bf16: it must still come out exact)."""
+    from et_transformers.export import loading
+    from et_transformers.export.quantize import float_layer_weights
+
+    config = tiny.FAMILY_CASES[case](hidden_size=96) if case.startswith("gemma") else tiny.FAMILY_CASES[case]()
+    tiny.make_model(config).to(torch.bfloat16).save_pretrained(tmp_path / "bf16")
+    tiny.make_tokenizer().save_pretrained(tmp_path / "bf16")
+
+    lazy = Exporter.from_pretrained(tmp_path / "bf16", ExportConfig(max_seq_len=64, **fields), progress=False)
+    lazy.load().source_transform().to_dtype()
+    quantizing = fields.get("qlinear") or fields.get("qembedding")
+    # until the quantize stage, linear/embedding weights stay as stored: bf16, never whole in float32
+    assert {w.dtype for w in float_layer_weights(lazy.module)} == {torch.bfloat16 if quantizing else torch.float32}
+    lazy.quantize()
+
+    monkeypatch.setattr(loading, "stored_dtype", lambda source: torch.float32)
+    eager = _staged(tmp_path / "bf16", fields)
+
+    got, expected = _tensors(lazy.module), _tensors(eager.module)
+    assert got.keys() == expected.keys()
+    for name, tensor in expected.items():
+        assert got[name].dtype == tensor.dtype, name
+        assert torch.equal(got[name], tensor), name
+    if case.startswith("gemma") and fields.get("dtype") is None:
+        assert float(got["model.model.embed_tokens.embed_scale"]) == pytest.approx(96 ** 0.5, abs=1e-6)
+
+
+def test_chunked_quantization_is_bit_identical(tiny_llama_model, monkeypatch):
+    """Weights are quantized a block of rows at a time (a 128k-row head would otherwise need GBs of
+    temporaries); blocks of 3 rows give exactly the values of one call over the whole weight."""
+    from et_transformers.export import quantize as q
+
+    whole, chunked = copy.deepcopy(tiny_llama_model), copy.deepcopy(tiny_llama_model)
+    config = ExportConfig(**RECIPES[DEFAULT_RECIPE])  # 4-bit g32, 8-bit head/down_proj, 8-bit embedding
+    quantize_model(whole, config)
+    monkeypatch.setattr(q, "CHUNK_ELEMENTS", 3 * 64)
+    quantize_model(chunked, config)
+    a, b = dict(whole.named_buffers()), dict(chunked.named_buffers())
+    assert a.keys() == b.keys() and any(n.endswith("qdata") for n in a)
+    for name in a:
+        assert torch.equal(a[name], b[name]), name

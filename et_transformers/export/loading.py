@@ -3,15 +3,22 @@
 The architecture check runs on the config alone, before any weight is read, so an unsupported
 model (or a context its position table cannot hold) fails in milliseconds. The model class comes
 from :data:`~et_transformers.architectures.SUPPORTED_MODEL_TYPES`, so a supported type always runs
-transformers' own implementation, the one the golden tests compare against. Weights load in float32
-(GGUF files are dequantized by transformers' ``gguf_file=`` support); the dtype stage converts later.
+transformers' own implementation, the one the golden tests compare against. Safetensors weights
+load in the dtype they are stored in (memory-mapped, so a bf16 checkpoint costs its file size, not
+twice that in float32); buffers the model computes at construction (RoPE frequencies, Gemma's
+embedding scale) are nevertheless the float32 values a float32 load gives, so later stages see
+exactly what a float32 model holds. GGUF files are dequantized to float32 by transformers'
+``gguf_file=`` support. The dtype and quantize stages convert each weight later, layer by layer.
 Pickled weights are loaded only when the source allows them (``use_safetensors=False``).
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import json
 import logging
+import struct
 from dataclasses import dataclass
 from typing import Any
 
@@ -29,7 +36,8 @@ class LoadedModel:
     """What the load stage produces.
 
     Attributes:
-        model: the ``*ForCausalLM`` in eval mode, float32.
+        model: the ``*ForCausalLM`` in eval mode; weights in their stored dtype (see
+            :func:`stored_dtype`), float32 buffers.
         tokenizer: its tokenizer.
         config: its ``PretrainedConfig``.
         generation_config: its ``GenerationConfig`` (from ``generation_config.json`` when present).
@@ -87,8 +95,6 @@ def load_config(source: ModelSource, *, trust_remote_code: bool = False, max_seq
 
 
 def _read_config_json(source: ModelSource) -> dict:
-    import json
-
     path = source.path / "config.json"
     if source.gguf_file or not path.is_file():
         return {}
@@ -117,13 +123,14 @@ def load_model(source: ModelSource, *, trust_remote_code: bool = False, max_seq_
     config = load_config(source, trust_remote_code=trust_remote_code, max_seq_len=max_seq_len)
     architecture = resolve_architecture(config)
     model_class = getattr(transformers, architecture.model_class)
-    logger.info("Loading %s (%s) with %s", source.name, config.model_type, model_class.__name__)
+    dtype = stored_dtype(source)
+    logger.info("Loading %s (%s, %s) with %s", source.name, config.model_type, dtype, model_class.__name__)
     try:
         model = model_class.from_pretrained(
             source.path,
             gguf_file=source.gguf_file,
             config=config,
-            dtype=torch.float32,
+            dtype=dtype,
             trust_remote_code=trust_remote_code,
             # None lets transformers fall back to pickles: only when the caller asked for them.
             use_safetensors=None if source.gguf_file or not source.use_safetensors else True,
@@ -134,6 +141,75 @@ def load_model(source: ModelSource, *, trust_remote_code: bool = False, max_seq_
     except OSError as e:
         raise ModelNotFoundError(f"cannot load {source.name}: {e}") from e
     model.eval()
+    if dtype != torch.float32:
+        float32_buffers(model, model_class, config)
     # transformers fills this from generation_config.json, or from the model config without one.
     generation_config = copy.deepcopy(model.generation_config)
     return LoadedModel(model, tokenizer, config, generation_config, architecture)
+
+
+_SAFETENSORS_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
+
+
+def _safetensors_float_dtypes(path) -> set[str]:
+    """The dtypes of the floating tensors in one safetensors file (its JSON header only)."""
+    with open(path, "rb") as f:
+        (size,) = struct.unpack("<Q", f.read(8))
+        header = json.loads(f.read(size))
+    return {v["dtype"] for k, v in header.items() if k != "__metadata__" and v["dtype"].startswith(("F", "BF"))}
+
+
+def stored_dtype(source: ModelSource) -> torch.dtype:
+    """The dtype to load ``source``'s weights in: the one every floating tensor of its safetensors
+    files is stored in, when that is float32, bfloat16 or float16; float32 otherwise (GGUF, pickles,
+    mixed or unreadable files), which is always exact."""
+    if source.gguf_file or not source.use_safetensors:
+        return torch.float32
+    dtypes: set[str] = set()
+    try:
+        for path in sorted(source.path.glob("*.safetensors")):
+            dtypes |= _safetensors_float_dtypes(path)
+    except (OSError, ValueError, KeyError, struct.error):
+        return torch.float32
+    if len(dtypes) == 1 and next(iter(dtypes)) in _SAFETENSORS_DTYPES:
+        return _SAFETENSORS_DTYPES[next(iter(dtypes))]
+    return torch.float32
+
+
+@contextlib.contextmanager
+def _parameters_on_meta():
+    """Inside: modules put their parameters on the meta device (no memory), buffers stay real."""
+    register = torch.nn.Module.register_parameter
+
+    def register_on_meta(module, name, param):
+        if param is not None:
+            param = torch.nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
+        register(module, name, param)
+
+    torch.nn.Module.register_parameter = register_on_meta
+    try:
+        yield
+    finally:
+        torch.nn.Module.register_parameter = register
+
+
+def float32_buffers(model: torch.nn.Module, model_class, config) -> int:
+    """Give ``model`` (loaded in half precision) the float32 buffers a float32 load computes.
+
+    Buffers such as Gemma's embedding scale are created at construction in the load dtype, so a
+    bf16 load rounds them; a float32 construction with parameters on the meta device (nothing
+    allocated but the buffers) recovers their exact values. Returns the number of buffers replaced.
+    """
+    with _parameters_on_meta():
+        skeleton = model_class._from_config(config, dtype=torch.float32)
+    exact = dict(skeleton.named_buffers())
+    replaced = 0
+    for name, buf in list(model.named_buffers()):
+        ref = exact.get(name)
+        if buf.is_floating_point() and ref is not None and ref.device.type != "meta" and buf.dtype != ref.dtype:
+            owner, _, attr = name.rpartition(".")
+            model.get_submodule(owner)._buffers[attr] = ref
+            replaced += 1
+    if replaced:
+        logger.debug("Restored %d float32 buffer(s) computed at construction", replaced)
+    return replaced

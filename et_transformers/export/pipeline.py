@@ -37,7 +37,7 @@ from ..manifest import ETRECORD_NAME, PTE_NAME, Manifest, sha256_file
 from .loading import LoadedModel, load_model
 from .lowering import lower
 from .passes import apply_xnnpack_friendly_rewrites
-from .quantize import quantize_model
+from .quantize import float_layer_weights, quantize_model
 from .transforms import apply_builtin_transforms
 from .wrapper import ExportableCausalLM
 
@@ -180,19 +180,27 @@ class Exporter:
         return self
 
     def to_dtype(self) -> "Exporter":
-        """Cast weights, activations and the KV cache to ``export_config.dtype``."""
+        """Cast weights, activations and the KV cache to ``export_config.dtype``.
+
+        When the config asks for quantization, linear and embedding weights are left to the
+        quantize stage, which casts and quantizes them one layer at a time (a bf16 1B model then
+        never exists whole in float32); run it next.
+        """
         module = self._require("module", "source_transform")
         if not isinstance(module, ExportableCausalLM):
             raise ExportError("run the 'source_transform' stage before 'to_dtype'.")
+        cfg = self.export_config
         with self._stage("to_dtype"):
-            module.to_dtype(self.export_config.torch_dtype)
+            deferred = float_layer_weights(module) if (cfg.qlinear or cfg.qembedding) else []
+            module.to_dtype(cfg.torch_dtype, skip=deferred)
         return self
 
     def quantize(self) -> "Exporter":
-        """Quantize linear and embedding layers as ``export_config`` asks (no-op when it asks none)."""
+        """Quantize linear and embedding layers as ``export_config`` asks (no-op when it asks none),
+        casting each to ``export_config.dtype`` first."""
         module = self._require("module", "source_transform")
         with self._stage("quantize"):
-            self.quantization_report = quantize_model(module, self.export_config)
+            self.quantization_report = quantize_model(module, self.export_config, self.export_config.torch_dtype)
         return self
 
     def example_inputs(self) -> tuple[torch.Tensor, torch.Tensor]:

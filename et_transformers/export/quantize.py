@@ -57,20 +57,36 @@ def _qd():
     return torch.ops.quantized_decomposed
 
 
-def _torchao_quantize(weight: torch.Tensor, config) -> tuple[torch.Tensor, torch.Tensor]:
-    """Quantize a ``[N, K]`` float weight with a torchao config; return int8 ``qdata`` and ``scale``.
+#: Rows of a weight quantized per torchao call: about 16M elements (64 MB in float32), so the
+#: temporaries of a 128k-vocabulary head stay in the hundreds of MB. Groups lie along rows, so
+#: the result is bit-identical to one call over the whole weight.
+CHUNK_ELEMENTS = 1 << 24
+
+
+def _torchao_quantize(weight: torch.Tensor, config, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """Quantize a ``[N, K]`` weight, first cast to ``dtype``, with a torchao config, a block of rows
+    at a time; return int8 ``qdata`` and ``scale``.
 
     ExecuTorch's configs are symmetric: zero points are all zero and not kept.
     """
     from torchao.quantization import quantize_
 
-    holder = nn.Sequential(nn.Linear(weight.shape[1], weight.shape[0], bias=False))
-    holder[0].weight = nn.Parameter(weight.detach().float(), requires_grad=False)
-    quantize_(holder, config)
-    q = holder[0].weight
-    if q.zero_point is not None and bool((q.zero_point != 0).any()):
-        raise ValueError("expected symmetric quantization (zero points 0) from ExecuTorch's config.")
-    return q.qdata.contiguous(), q.scale.float().contiguous()
+    rows = max(1, CHUNK_ELEMENTS // max(1, weight.shape[1]))
+    qdata, scales = [], []
+    for start in range(0, weight.shape[0], rows):
+        block = weight.detach()[start : start + rows].to(dtype).float()
+        holder = nn.Sequential(nn.Linear(block.shape[1], block.shape[0], bias=False, device="meta"))
+        holder[0].weight = nn.Parameter(block, requires_grad=False)
+        quantize_(holder, config)
+        q = holder[0].weight
+        if q.zero_point is not None and bool((q.zero_point != 0).any()):
+            raise ValueError("expected symmetric quantization (zero points 0) from ExecuTorch's config.")
+        qdata.append(q.qdata)
+        scales.append(q.scale.float())
+        del holder, q, block
+    if len(qdata) == 1:
+        return qdata[0].contiguous(), scales[0].contiguous()
+    return torch.cat(qdata).contiguous(), torch.cat(scales).contiguous()
 
 
 class QuantizedLinear(nn.Module):
@@ -202,13 +218,25 @@ def _linear_plan(name: str, head: str | None, config: ExportConfig) -> tuple[str
     return config.qhead, (None if bits == 8 else config.qlinear_group_size)
 
 
-def quantize_model(model: nn.Module, config: ExportConfig) -> dict[str, dict]:
+def float_layer_weights(model: nn.Module) -> list[torch.Tensor]:
+    """The weights :func:`quantize_model` reads: those of ``model``'s ``nn.Linear`` and
+    ``nn.Embedding`` layers (the dtype stage leaves them to it when quantization is asked for)."""
+    return [m.weight for m in model.modules() if type(m) in (nn.Linear, nn.Embedding)]
+
+
+def quantize_model(model: nn.Module, config: ExportConfig, dtype: torch.dtype | None = None) -> dict[str, dict]:
     """Replace ``model``'s linear and embedding layers by quantized ones, as ``config`` asks.
 
+    Each weight is cast to ``dtype`` just before it is quantized, so a model whose other parts
+    are already in ``dtype`` may keep these weights in their stored dtype until then (peak memory:
+    one layer in float32, not the whole model). Linear and embedding layers left in float are cast
+    to ``dtype`` at the end.
+
     Args:
-        model: the module to quantize in place, already in its final dtype.
+        model: the module to quantize in place.
         config: ``qlinear``/``qembedding`` of ``None`` leave those layers in float; ``qhead``
             decides the output head (see :func:`_linear_plan`).
+        dtype: the model's final dtype; ``config.torch_dtype`` by default.
 
     Returns:
         ``{"linear": {...}, "embedding": {...}, "head": {...}}``: counts of layers quantized with
@@ -217,7 +245,7 @@ def quantize_model(model: nn.Module, config: ExportConfig) -> dict[str, dict]:
     from executorch.extension.llm.export.quantize import _make_embedding_config, _make_linear_config
 
     report: dict[str, dict] = {}
-    dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
+    dtype = dtype or config.torch_dtype
     head = output_head_name(model)
     # embeddings first: quantizing the head must not change a tied embedding's float weight under it
     embeddings = [(n, m) for n, m in model.named_modules() if type(m) is nn.Embedding] if config.qembedding else []
@@ -238,13 +266,14 @@ def quantize_model(model: nn.Module, config: ExportConfig) -> dict[str, dict]:
                     continue
                 group = _group_size_for(name, weight.shape[1], requested, scheme, fallbacks)
                 bits, dynamic = LINEAR_SCHEMES[scheme]
-                qdata, scale = _torchao_quantize(weight, _make_linear_config(scheme, group))
-                new = QuantizedLinear(qdata, scale, bits, group or weight.shape[1], dynamic, module.bias)
+                qdata, scale = _torchao_quantize(weight, _make_linear_config(scheme, group), dtype)
+                bias = None if module.bias is None else module.bias.to(dtype)
+                new = QuantizedLinear(qdata, scale, bits, group or weight.shape[1], dynamic, bias)
             else:
                 scheme, requested = config.qembedding, config.qembedding_group_size
                 group = _group_size_for(name, weight.shape[1], requested, scheme, fallbacks)
                 bits = EMBEDDING_SCHEMES[scheme]
-                qdata, scale = _torchao_quantize(weight, _make_embedding_config(scheme, group))
+                qdata, scale = _torchao_quantize(weight, _make_embedding_config(scheme, group), dtype)
                 new = QuantizedEmbedding(qdata, scale, bits, dtype)
             _replace(model, name, new)
             done += 1
@@ -258,6 +287,9 @@ def quantize_model(model: nn.Module, config: ExportConfig) -> dict[str, dict]:
             )
         if done:
             report[kind] = {"grouped": done - len(fallbacks), "per_channel_fallback": len(fallbacks)}
+    for weight in float_layer_weights(model):  # layers left in float
+        if weight.is_floating_point() and weight.dtype != dtype:
+            weight.data = weight.data.to(dtype)
     if head_scheme is not None:
         report["head"] = {"name": head, "scheme": head_scheme}
     if config.qlinear_8bit and config.qlinear:

@@ -9,6 +9,7 @@ the last position only: prefill never materialises ``[S, vocab]`` logits nobody 
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterable
 
 import torch
 from torch import nn
@@ -107,10 +108,23 @@ class ExportableCausalLM(nn.Module):
         model.config._attn_implementation = register_attention()
         logger.debug("KV cache: %d layers, %s", len(self.layer_ids), {i: tuple(layout[i][0]) for i in self.layer_ids})
 
-    def to_dtype(self, dtype: torch.dtype) -> "ExportableCausalLM":
+    def to_dtype(self, dtype: torch.dtype, *, skip: Iterable[torch.Tensor] = ()) -> "ExportableCausalLM":
         """Cast weights, float caches and rope matrices to ``dtype``; int8 caches and their float32
-        quantization scales stay as they are."""
-        self.model.to(dtype)
+        quantization scales stay as they are.
+
+        Args:
+            dtype: the target floating dtype.
+            skip: parameters to leave as they are (the quantize stage casts them one layer at a
+                time, so a half-precision checkpoint never exists whole in float32).
+        """
+        skipped = {id(t) for t in skip}
+        for module in self.model.modules():
+            for name, param in module._parameters.items():
+                if param is not None and param.is_floating_point() and id(param) not in skipped:
+                    param.data = param.data.to(dtype)  # in place: tied parameters stay tied
+            for name, buf in list(module._buffers.items()):
+                if buf is not None and buf.is_floating_point():
+                    module._buffers[name] = buf.to(dtype)
         for name, buf in list(self.named_buffers(recurse=False)):
             if buf.is_floating_point() and "_scales_" not in name:
                 setattr(self, name, buf.to(dtype))
