@@ -2,7 +2,9 @@
 TextLLMRunner, and optionally the peer (optimum-executorch) on its own export.
 
 Default: SmolLM2-135M-Instruct (GGUF from PyPI) with 8da4w (group 32) + 8-bit embeddings, prompt 128
-tokens, 128 new tokens, greedy, EOS ignored, one warm-up run then the median of --runs runs.
+tokens, 128 new tokens, greedy, EOS ignored, one warm-up run then --runs interleaved rounds (the order
+reversed every other round): medians per contender, and ours/C++ ratios round by round (each pair
+measured seconds apart, so machine noise cancels more than in a ratio of medians).
 Issue targets: ours >= 0.95x the C++ runner in prefill and decode; vs the peer, prefill >= 1.15x and
 decode no slower.
 
@@ -13,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import subprocess
 import sys
 import time
@@ -47,8 +50,7 @@ def bench_bare_loop(program, ids, new_tokens):
     t1 = time.perf_counter()
     pos = ids.shape[1]
     for _ in range(new_tokens - 1):
-        logits = program.forward(torch.tensor([[token]]), pos)
-        token = int(logits.argmax())
+        token = int(program.decode(token, pos, copy=False).argmax())
         pos += 1
     t2 = time.perf_counter()
     return ids.shape[1] / (t1 - t0), (new_tokens - 1) / (t2 - t1), t1 - t0, new_tokens
@@ -67,7 +69,7 @@ def main() -> None:
     from executorch.extension.llm.runner import GenerationConfig, TextLLMRunner
 
     from et_transformers import ETModelForCausalLM, ExportConfig
-    from et_transformers.bench import interleaved_medians, measure_cpp_runner, measure_ours
+    from et_transformers.bench import interleaved_runs, measure_cpp_runner, measure_ours, medians, paired_ratios
     from et_transformers.runtime import load_kernel_libraries
 
     if args.pte:
@@ -94,7 +96,12 @@ def main() -> None:
     }
     for fn in contenders.values():  # warm-up (the C++ runner loads its own copy of the program)
         fn()
-    rows = interleaved_medians(contenders, args.runs)
+    samples = interleaved_runs(contenders, args.runs)
+    rows = {name: medians(rs) for name, rs in samples.items()}
+    paired = {
+        phase: paired_ratios(samples["et_transformers generate()"], samples["ExecuTorch C++ TextLLMRunner"], i)
+        for i, phase in enumerate(("prefill", "decode"))
+    }
     if args.peer_python:
         peer = subprocess.run(
             [args.peer_python, str(ROOT / "benchmarks" / "peer_generate.py"), "--prompt-tokens",
@@ -115,8 +122,9 @@ def main() -> None:
     if "optimum-executorch (its own export)" in rows:
         peer = rows["optimum-executorch (its own export)"]
         ratios["ours/peer"] = (round(ours[0] / peer[0], 2), round(ours[1] / peer[1], 2))
+    round_ratios = {phase: [round(r, 3) for r in rs] for phase, rs in paired.items()}
     if args.json:
-        print(json.dumps({"rows": result, "ratios": ratios}))
+        print(json.dumps({"rows": result, "ratios": ratios, "ours/cpp_runner by round": round_ratios}))
         return
     print(f"prompt {ids.shape[1]} tokens, {n} new tokens, greedy, median of {args.runs} warm runs; "
           f"pte {model.pte_path} ({model.export_config})")
@@ -124,7 +132,10 @@ def main() -> None:
     for name, r in result.items():
         print(f"{name:38}{r['prefill_tok_s']:>14.1f}{r['decode_tok_s']:>14.1f}{r['generated']:>11}")
     for name, (p, d) in ratios.items():
-        print(f"ratio {name}: prefill {p:.2f}x, decode {d:.2f}x")
+        print(f"ratio {name}: prefill {p:.2f}x, decode {d:.2f}x (of the medians)")
+    for phase, rs in paired.items():
+        print(f"ours/cpp_runner {phase}, round by round: median {statistics.median(rs):.2f}x, "
+              f"range {rs[0]:.2f}-{rs[-1]:.2f}x over {len(rs)} rounds")
 
 
 if __name__ == "__main__":

@@ -211,13 +211,21 @@ def medians(samples: list[tuple]) -> tuple:
     return tuple(out)
 
 
-def interleaved_medians(contenders: dict, runs: int) -> dict:
-    """Run each contender once per round, ``runs`` rounds (drift hits all alike); per-field medians."""
+def interleaved_runs(contenders: dict, runs: int) -> dict[str, list[tuple]]:
+    """Run each contender once per round, ``runs`` rounds, the order reversed every other round (so
+    drift and position hit all alike); every contender's measurements, round by round."""
     results: dict[str, list] = {name: [] for name in contenders}
-    for _ in range(runs):
-        for name, fn in contenders.items():
-            results[name].append(fn())
-    return {name: medians(rs) for name, rs in results.items()}
+    for round_ in range(runs):
+        names = list(contenders) if round_ % 2 == 0 else list(reversed(list(contenders)))
+        for name in names:
+            results[name].append(contenders[name]())
+    return results
+
+
+def paired_ratios(ours: list[tuple], theirs: list[tuple], field: int) -> list[float]:
+    """Round-by-round ratios ``ours[i][field] / theirs[i][field]``, sorted (rounds where either is
+    missing skipped): measured seconds apart, each pair shares the machine's state of the moment."""
+    return sorted(a[field] / b[field] for a, b in zip(ours, theirs) if a[field] and b[field])
 
 
 # -- one contender per process ---------------------------------------------------------------

@@ -100,6 +100,11 @@ def _simple_stop(criteria) -> tuple[int, frozenset[int]] | None:
     return None if max_length is None else (max_length, eos)
 
 
+def _is_transformers_own(obj) -> bool:
+    """True for an instance of a class defined in transformers itself (not a user's subclass)."""
+    return type(obj).__module__.startswith("transformers.")
+
+
 class Generator:
     """Runs ``generate()`` for one program.
 
@@ -175,6 +180,9 @@ class Generator:
         gc, criteria = plan_.generation_config, plan_.stopping_criteria
         processors = plan_.logits_processors[b]
         simple_stop = _simple_stop(criteria)  # (max_length, eos ids) when the criteria are just those
+        # Only transformers' own processors and criteria see the logits: none keeps them past the
+        # step, so the decode loop may read them in place (see Program.decode's ``copy``).
+        copy_logits = simple_stop is None or not all(_is_transformers_own(p) for p in processors)
         prompt = plan_.input_ids[b : b + 1]  # [1, L], left padding included (what transformers' row holds)
         tokens = prompt[0][plan_.attention_mask[b].bool()].unsqueeze(0)  # [1, n]
         context = self.program.metadata.max_context_len
@@ -224,7 +232,7 @@ class Generator:
                 # transformers' generate(), run the whole sequence again (see runtime.ProgramMetadata).
                 logits = self.prefill(torch.cat([tokens, ids_buffer[:, prompt.shape[-1] : length]], dim=1))
             else:
-                logits = self.program.decode(token, pos)
+                logits = self.program.decode(token, pos, copy=copy_logits)
             pos += 1
         stats.decode_time += time.perf_counter() - t_first
         return ids_buffer[:, :length]

@@ -196,16 +196,22 @@ class Program:
         logits = self._run(input_ids, start_pos)  # [1, V], or [1, S, V] for evaluation programs
         return logits[:, -1] if logits.dim() == 3 else logits
 
-    def decode(self, token_id: int, pos: int) -> torch.Tensor:
+    def decode(self, token_id: int, pos: int, *, copy: bool = True) -> torch.Tensor:
         """One generation step: the logits ``[1, vocab]`` after ``token_id`` at position ``pos``.
 
         The fast path of the decode loop: the caller guarantees ``token_id`` came from this
         program's logits and ``pos`` is inside the context, so nothing is re-checked.
+
+        Args:
+            copy: ``False`` returns a view of the program's own output memory instead of a new
+                tensor, valid only until the program runs again. Copying the logits costs a fresh
+                allocation per token (a 49k vocabulary: ~0.25 ms, 3% of a SmolLM2 decode step),
+                which the generation loop skips whenever nothing can keep the tensor.
         """
         inputs = (torch.tensor([[token_id]], dtype=torch.long), torch.tensor([pos], dtype=torch.long))
         self.executions += 1
         try:
-            logits = self._module.forward(inputs)[0]
+            logits = self._module.forward(inputs, copy)[0]
         except RuntimeError as e:
             raise self._failed(e, 1, pos) from e
         return logits[:, -1] if logits.dim() == 3 else logits

@@ -155,6 +155,37 @@ def test_custom_processor_and_criteria_are_called(et):
     assert calls == {"proc": 3, "stop": 3}
 
 
+def test_logits_a_custom_processor_keeps_stay_valid(et):
+    """The decode loop reads the program's logits in place only when nothing can keep them; a
+    user's processor that stores every step's scores gets tensors that stay what they were."""
+
+    class Keep(LogitsProcessor):
+        def __init__(self):
+            self.seen = []
+
+        def __call__(self, input_ids, scores):
+            self.seen.append(scores)
+            return scores
+
+    keep, prompt = Keep(), torch.tensor([[5, 9, 100, 33]])
+    out = et.generate(prompt, max_new_tokens=6, do_sample=False, eos_token_id=None,
+                      logits_processor=LogitsProcessorList([keep]))
+    seen = [scores.clone() for scores in keep.seen]  # before the program runs again
+    assert len(seen) == 6
+    for i, scores in enumerate(seen):  # step i's logits, recomputed by a fresh prefill
+        expected = et.program.forward(out[:, : prompt.shape[1] + i], 0)
+        torch.testing.assert_close(scores, expected, atol=1e-4, rtol=1e-4)
+
+
+def test_decode_without_copy_reads_the_programs_own_output(et):
+    et.program.forward(torch.tensor([[5, 9, 100]]), 0)
+    first = et.program.decode(7, 3, copy=False)
+    kept = first.clone()
+    second = et.program.decode(8, 4, copy=False)
+    assert first.data_ptr() == second.data_ptr() and not torch.equal(first, kept)  # overwritten
+    assert torch.equal(et.program.decode(7, 3), kept)  # copy=True: a tensor of its own
+
+
 def test_iterator_streamer_yields_the_generated_text(et):
     tok = tiny.make_tokenizer()
     ids = tok("Paris is", return_tensors="pt").input_ids
