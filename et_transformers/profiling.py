@@ -114,9 +114,9 @@ class _TimedProgram:
         self.calls.append(("prefill", time.perf_counter() - t))
         return out
 
-    def decode(self, token_id: int, pos: int) -> torch.Tensor:
+    def decode(self, token_id: int, pos: int, *, copy: bool = True) -> torch.Tensor:
         t = time.perf_counter()
-        out = self._program.decode(token_id, pos)
+        out = self._program.decode(token_id, pos, copy=copy)
         self.calls.append(("decode", time.perf_counter() - t))
         return out
 
