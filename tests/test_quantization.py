@@ -227,34 +227,37 @@ def _tensors(module) -> dict[str, torch.Tensor]:
 
 
 @pytest.mark.parametrize(
-    "case, fields",
+    "case, stored, fields",
     [
-        ("llama-llama3rope", RECIPES[DEFAULT_RECIPE]),
-        ("gemma3_text", dict(qlinear="8da4w", qembedding="8w", dtype="bfloat16")),
-        ("gemma3_text", dict(qlinear=None, qembedding=None)),
+        ("llama-llama3rope", torch.bfloat16, RECIPES[DEFAULT_RECIPE]),
+        ("llama-llama3rope", torch.float16, RECIPES[DEFAULT_RECIPE]),
+        ("gpt2", torch.bfloat16, RECIPES[DEFAULT_RECIPE]),  # Conv1D -> Linear before the cast
+        ("gemma3_text", torch.bfloat16, dict(qlinear="8da4w", qembedding="8w", dtype="bfloat16")),
+        ("gemma3_text", torch.bfloat16, dict(qlinear=None, qembedding=None)),
     ],
-    ids=["llama-default-recipe", "gemma3-bf16-8da4w", "gemma3-fp32"],
+    ids=["llama-bf16-default-recipe", "llama-fp16-default-recipe", "gpt2-bf16-default-recipe",
+         "gemma3-bf16-8da4w", "gemma3-bf16-fp32"],
 )
-def test_bf16_checkpoint_exports_exactly_like_a_float32_load(case, fields, tmp_path, monkeypatch):
-    """A bf16 checkpoint loads memory-mapped in bf16 and each layer is cast when quantized, yet the
-    program's weights and buffers are bit-identical to loading everything in float32 first (Gemma3's
-    embedding scale, sqrt(96), is not representable in bf16: it must still come out exact)."""
+def test_half_precision_checkpoint_exports_exactly_like_a_float32_load(case, stored, fields, tmp_path, monkeypatch):
+    """A bf16/fp16 checkpoint loads memory-mapped as stored and each layer is cast when quantized,
+    yet the program's weights and buffers are bit-identical to loading everything in float32 first
+    (Gemma3's embedding scale, sqrt(96), is not representable in bf16: it must still come out exact)."""
     from et_transformers.export import loading
     from et_transformers.export.quantize import float_layer_weights
 
     config = tiny.FAMILY_CASES[case](hidden_size=96) if case.startswith("gemma") else tiny.FAMILY_CASES[case]()
-    tiny.make_model(config).to(torch.bfloat16).save_pretrained(tmp_path / "bf16")
-    tiny.make_tokenizer().save_pretrained(tmp_path / "bf16")
+    tiny.make_model(config).to(stored).save_pretrained(tmp_path / "half")
+    tiny.make_tokenizer().save_pretrained(tmp_path / "half")
 
-    lazy = Exporter.from_pretrained(tmp_path / "bf16", ExportConfig(max_seq_len=64, **fields), progress=False)
+    lazy = Exporter.from_pretrained(tmp_path / "half", ExportConfig(max_seq_len=64, **fields), progress=False)
     lazy.load().source_transform().to_dtype()
     quantizing = fields.get("qlinear") or fields.get("qembedding")
-    # until the quantize stage, linear/embedding weights stay as stored: bf16, never whole in float32
-    assert {w.dtype for w in float_layer_weights(lazy.module)} == {torch.bfloat16 if quantizing else torch.float32}
+    # until the quantize stage, linear/embedding weights stay as stored, never whole in float32
+    assert {w.dtype for w in float_layer_weights(lazy.module)} == {stored if quantizing else torch.float32}
     lazy.quantize()
 
     monkeypatch.setattr(loading, "stored_dtype", lambda source: torch.float32)
-    eager = _staged(tmp_path / "bf16", fields)
+    eager = _staged(tmp_path / "half", fields)
 
     got, expected = _tensors(lazy.module), _tensors(eager.module)
     assert got.keys() == expected.keys()
@@ -279,3 +282,20 @@ def test_chunked_quantization_is_bit_identical(tiny_llama_model, monkeypatch):
     assert a.keys() == b.keys() and any(n.endswith("qdata") for n in a)
     for name in a:
         assert torch.equal(a[name], b[name]), name
+
+
+def test_stored_dtype_reads_the_safetensors_headers(tmp_path):
+    """One floating dtype in every file: load in it; mixed, pickles or GGUF: float32 (always exact)."""
+    from safetensors.torch import save_file
+
+    from et_transformers.export.loading import stored_dtype
+    from et_transformers.hub import ModelSource
+
+    save_file({"a": torch.zeros(2, dtype=torch.bfloat16), "ids": torch.zeros(2, dtype=torch.long)},
+              str(tmp_path / "model-00001-of-00002.safetensors"))
+    save_file({"b": torch.zeros(2, dtype=torch.bfloat16)}, str(tmp_path / "model-00002-of-00002.safetensors"))
+    assert stored_dtype(ModelSource(tmp_path)) == torch.bfloat16
+    assert stored_dtype(ModelSource(tmp_path, use_safetensors=False)) == torch.float32
+    assert stored_dtype(ModelSource(tmp_path, gguf_file="m.gguf")) == torch.float32
+    save_file({"c": torch.zeros(2, dtype=torch.float16)}, str(tmp_path / "extra.safetensors"))
+    assert stored_dtype(ModelSource(tmp_path)) == torch.float32
