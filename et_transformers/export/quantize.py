@@ -23,6 +23,10 @@ silent change); each such layer is logged. The output head, often tied to the em
 layer most sensitive to 4-bit weights, follows ``ExportConfig.qhead`` (like the others by default,
 or its own scheme, or float). Tied embedding and head are stored as two tensors once quantized:
 XNNPACK packs the head's weights into its own layout, which the embedding lookup cannot read.
+
+Memory: each weight is cast to the export dtype only when its turn comes and is quantized a block
+of rows at a time (:data:`CHUNK_ELEMENTS`), so a half-precision checkpoint loaded as stored never
+exists whole in float32 and a large vocabulary's head adds no GB-sized temporaries.
 """
 
 from __future__ import annotations
