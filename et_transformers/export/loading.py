@@ -171,9 +171,7 @@ def stored_dtype(source: ModelSource) -> torch.dtype:
             dtypes |= _safetensors_float_dtypes(path)
     except (OSError, ValueError, KeyError, struct.error):
         return torch.float32
-    if len(dtypes) == 1 and next(iter(dtypes)) in _SAFETENSORS_DTYPES:
-        return _SAFETENSORS_DTYPES[next(iter(dtypes))]
-    return torch.float32
+    return _SAFETENSORS_DTYPES.get(dtypes.pop(), torch.float32) if len(dtypes) == 1 else torch.float32
 
 
 @contextlib.contextmanager

@@ -119,7 +119,7 @@ class ExportableCausalLM(nn.Module):
         """
         skipped = {id(t) for t in skip}
         for module in self.model.modules():
-            for name, param in module._parameters.items():
+            for param in module._parameters.values():
                 if param is not None and param.is_floating_point() and id(param) not in skipped:
                     param.data = param.data.to(dtype)  # in place: tied parameters stay tied
             for name, buf in list(module._buffers.items()):
