@@ -20,6 +20,7 @@ from pathlib import Path
 
 from . import cli_commands as commands
 from .config import (
+    AUTO,
     BACKENDS,
     DEFAULT_RECIPE,
     DTYPES,
@@ -53,7 +54,10 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _group_size(text: str) -> int | str:
-    """A group size: an integer, or ``"none"`` (one group per channel; ``None`` once parsed)."""
+    """A group size: an integer, ``"auto"`` (the scheme's default), or ``"none"`` (one group per
+    channel; ``None`` once parsed)."""
+    if text.lower() == AUTO:
+        return AUTO
     return "none" if text.lower() in ("none", "channel", "per-channel") else int(text)
 
 
@@ -64,7 +68,8 @@ def _add_export_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--dtype", choices=sorted(set(DTYPES.values())), help="weights/activations dtype")
     g.add_argument("--backend", choices=BACKENDS, help="xnnpack (default) or portable (no delegate)")
     g.add_argument("--qlinear", choices=[*QLINEAR_SCHEMES, "none"], help="linear-layer quantization")
-    g.add_argument("--qlinear-group-size", type=_group_size, help="power of two, or 'none' for per-channel")
+    g.add_argument("--qlinear-group-size", type=_group_size,
+                   help="group of 4-bit weights: a multiple of 32 on XNNPACK, or 'none' (default: the scheme's)")
     g.add_argument("--qhead", choices=["same", *QLINEAR_SCHEMES, "none"], help="output-head quantization")
     g.add_argument("--qlinear-8bit", action="append", metavar="PATTERN",
                    help="module-name pattern of linear layers kept at 8 bits (repeatable), e.g. '*.down_proj'")

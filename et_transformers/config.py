@@ -4,15 +4,25 @@ An ``ExportConfig`` says *what* program to build (context length, dtype, backend
 it is part of the artifact cache key and of every manifest, so it is immutable, validated once in
 ``__post_init__`` and serialised with :meth:`ExportConfig.to_dict`. Overrides go through
 :meth:`ExportConfig.replace`, which rejects unknown field names instead of ignoring them.
+
+No option is silently ignored: a field set to a value that nothing in the program would use
+(a group size without a scheme that has groups, a head setting without quantized linear layers)
+raises, and so does a value the backend cannot take (XNNPACK's groupwise kernels want multiples
+of 32). The group size and head defaults are :data:`AUTO`, "the scheme's default", resolved in
+``__post_init__``; stored configs (manifests of older versions) are normalised by
+:meth:`ExportConfig.from_dict` instead of refused.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import logging
 from dataclasses import dataclass
 from typing import Any, Mapping
 
 from .errors import InvalidConfigError
+
+logger = logging.getLogger(__name__)
 
 #: Canonical dtype names, and the spellings accepted for each.
 DTYPES: dict[str, str] = {
@@ -36,6 +46,24 @@ QLINEAR_SCHEMES: tuple[str, ...] = ("8da4w", "8da8w", "4w", "8w")
 #: 4-bit ones with ``qlinear_group_size``). The head is the layer most sensitive to 4-bit weights.
 QHEAD_CHOICES: tuple[str | None, ...] = ("same", None, *QLINEAR_SCHEMES)
 
+#: Default of ``qlinear_group_size`` and ``qhead``: "the scheme's default", resolved when the config
+#: is built (see :class:`ExportConfig`), so a value the user gives can be told from the default.
+AUTO = "auto"
+
+#: Linear schemes with 4-bit weights: the only ones a group size applies to (8-bit weights always
+#: have one scale per output channel, the only layout XNNPACK and the portable kernels run).
+FOUR_BIT_SCHEMES: tuple[str, ...] = ("8da4w", "4w")
+
+#: Group size of 4-bit weights when none is given, per backend: 32 on XNNPACK (channelwise 4-bit
+#: costs +160% perplexity on SmolLM2-135M, see the README), per channel (``None``) on the portable
+#: kernels, which dequantize per output channel only.
+DEFAULT_GROUP_SIZE: dict[str, int | None] = {"xnnpack": 32, "portable": None}
+
+#: XNNPACK delegates groupwise weights only in groups that are multiples of this
+#: (``executorch/backends/xnnpack/operators/node_visitor.py``, ``_check_per_channel_group_params``:
+#: "Delegation to XNNPACK requires group_size to be a multiple of 32"), and 4-bit ones only.
+XNNPACK_GROUP_MULTIPLE = 32
+
 #: Embedding quantization schemes (weight-only).
 QEMBEDDING_SCHEMES: tuple[str, ...] = ("4w", "8w")
 
@@ -49,8 +77,16 @@ LOGITS_MODES: tuple[str, ...] = ("last", "all")
 MAX_SEQ_LEN_LIMIT = 131072
 
 
-def _check_group_size(name: str, value: int | None) -> None:
-    if value is None:
+class _NoEffectError(InvalidConfigError):
+    """A field is set to a value nothing in the program would use; ``from_dict`` resets it."""
+
+    def __init__(self, field: str, message: str):
+        super().__init__(message)
+        self.field = field
+
+
+def _check_group_size(name: str, value: int | str | None) -> None:
+    if value is None or (value == AUTO and name == "qlinear_group_size"):
         return
     if isinstance(value, bool) or not isinstance(value, int) or value <= 0 or value & (value - 1):
         raise InvalidConfigError(
@@ -63,10 +99,11 @@ def _check_backend_support(cfg: "ExportConfig") -> None:
     """Refuse combinations the backend cannot run as asked (rather than quietly running float).
 
     Each rule was found by exporting and running the combination (``tests/test_quantization.py``
-    keeps them honest): XNNPACK has no float-activation x integer-weight linear, runs 8-bit weights
-    per output channel only and fails at run time on bf16 activations with 8-bit weights; the
+    keeps them honest) or read in XNNPACK's lowering code: XNNPACK has no float-activation x
+    integer-weight linear, takes groupwise weights in multiples of 32 only (its lowering asserts
+    it, minutes into an export) and fails at run time on bf16 activations with 8-bit weights; the
     portable kernels dequantize weights per output channel only (group-wise weights would be
-    folded back to float at export).
+    folded back to float at export). Runs after :meth:`ExportConfig._resolve_quantization`.
     """
     scheme, gs = cfg.qlinear, cfg.qlinear_group_size
     if cfg.backend == "xnnpack":
@@ -81,12 +118,13 @@ def _check_backend_support(cfg: "ExportConfig") -> None:
                 f"activations and integer weights, so the weights would run as float. Use "
                 f"qlinear='8da{scheme[0]}w' (same weights, int8 dynamic activations), or backend='portable'."
             )
-        if scheme == "8da8w" and gs is not None:
+        if gs is not None and gs % XNNPACK_GROUP_MULTIPLE:
             raise InvalidConfigError(
-                f"qlinear='8da8w' with qlinear_group_size={gs} cannot run on backend='xnnpack': XNNPACK "
-                f"supports 8-bit weights with one scale per output channel only. Use qlinear_group_size=None."
+                f"qlinear_group_size={gs} cannot run on backend='xnnpack': XNNPACK delegates groupwise "
+                f"4-bit weights only in groups that are multiples of {XNNPACK_GROUP_MULTIPLE}. Use "
+                f"{XNNPACK_GROUP_MULTIPLE}, 64, 128 or 256, or None (one scale per output channel)."
             )
-        head = scheme if cfg.qhead == "same" else cfg.qhead
+        head = cfg.head_scheme
         eight = "8da8w" if cfg.qlinear_8bit and scheme == "8da4w" else None
         for field, value in (("qlinear", scheme), ("qhead", head), ("qlinear_8bit", eight)):
             if value == "8da8w" and cfg.dtype == "bfloat16":
@@ -94,10 +132,11 @@ def _check_backend_support(cfg: "ExportConfig") -> None:
                     f"{field}='8da8w' with dtype='bfloat16' cannot run on backend='xnnpack' (no bf16 kernel "
                     f"for 8-bit weights); use dtype='float32' or 'float16', or {field}='8da4w'."
                 )
-    if cfg.backend == "portable" and scheme is not None and gs is not None:
+    if cfg.backend == "portable" and gs is not None:
         raise InvalidConfigError(
-            f"qlinear={scheme!r} with qlinear_group_size={gs} cannot run on backend='portable': its "
-            f"kernels dequantize weights per output channel only. Use qlinear_group_size=None."
+            f"qlinear_group_size={gs} cannot run on backend='portable' (4-bit layers: qlinear={scheme!r}, "
+            f"head {cfg.head_scheme!r}): its kernels dequantize weights per output channel only. Use "
+            f"qlinear_group_size=None, or leave it out."
         )
 
 
@@ -112,34 +151,40 @@ class ExportConfig:
             (``"fp32"``, ``"bf16"``, ``"fp16"`` are accepted and normalised).
         backend: ``"xnnpack"`` (default; delegates to XNNPACK) or ``"portable"`` (no delegate).
         qlinear: Quantization of linear layers: ``None``, ``"8da4w"``, ``"8da8w"``, ``"4w"``, ``"8w"``.
-        qlinear_group_size: Group size of ``qlinear`` weights, a power of two, or ``None`` for one
-            scale per output channel. A layer whose input size the group size does not divide is
-            quantized per output channel instead (logged), never skipped silently.
-        qhead: Quantization of the output head: ``"same"`` (default) as ``qlinear``; ``None`` keeps
-            it in float; or a ``qlinear`` scheme of its own (``"8da8w"`` per channel, ``"8da4w"``
-            with ``qlinear_group_size``). See :data:`QHEAD_CHOICES`.
+        qlinear_group_size: Group size of 4-bit linear weights (``qlinear`` or ``qhead`` ``"8da4w"``/
+            ``"4w"``), a power of two, or ``None`` for one scale per output channel. The default,
+            :data:`AUTO`, is the scheme's default: 32 on XNNPACK (a multiple of 32 is required
+            there), per channel on ``portable``; with no 4-bit layer it resolves to ``None``, and
+            any other value raises (8-bit weights are always per channel). A layer whose input
+            size the group size does not divide is quantized per output channel instead (logged).
+        qhead: Quantization of the output head: ``"same"`` as ``qlinear``; ``None`` keeps it in
+            float; or a ``qlinear`` scheme of its own (``"8da8w"`` per channel, ``"8da4w"`` with
+            ``qlinear_group_size``). The default, :data:`AUTO`, is ``"same"`` when ``qlinear`` is
+            set and ``None`` otherwise; ``"same"`` without ``qlinear`` raises (it would change
+            nothing), and ``qhead`` equal to ``qlinear`` is stored as ``"same"``.
         qlinear_8bit: Module-name patterns (``fnmatch``, e.g. ``"*.mlp.down_proj"``) of linear layers
             that get 8-bit weights per output channel instead of ``qlinear``'s 4 bits (``8da8w`` for
             the dynamic-activation schemes, ``8w`` for weight-only): the mixed-precision knob for the
             layers most sensitive to 4-bit weights.
         qembedding: Quantization of the token embedding: ``None``, ``"4w"``, ``"8w"``.
         qembedding_group_size: Group size for ``qembedding``, a power of two, or ``None`` for one
-            scale per embedding row.
+            scale per embedding row; setting it without ``qembedding`` raises.
         kv_cache_dtype: ``None`` caches keys and values in ``dtype``; ``"int8"`` quantizes them per
             token and head and runs ExecuTorch's ``llama.custom_quantized_sdpa``.
         logits: ``"last"`` (default): ``forward`` returns the last position's logits, which is all
             generation needs; ``"all"``: every position's, for evaluation (perplexity) programs.
 
     Raises:
-        InvalidConfigError: a field has a value outside the accepted set; the message lists it.
+        InvalidConfigError: a field has a value outside the accepted set (the message lists it), a
+            value that has no effect under the other fields, or one the backend cannot run.
     """
 
     max_seq_len: int = 1024
     dtype: str = "float32"
     backend: str = "xnnpack"
     qlinear: str | None = None
-    qlinear_group_size: int | None = 32
-    qhead: str | None = "same"
+    qlinear_group_size: int | str | None = AUTO
+    qhead: str | None = AUTO
     qlinear_8bit: tuple[str, ...] = ()
     qembedding: str | None = None
     qembedding_group_size: int | None = None
@@ -147,6 +192,8 @@ class ExportConfig:
     logits: str = "last"
 
     def __post_init__(self) -> None:
+        # What the caller asked for, before AUTO is resolved: replace() starts from it.
+        object.__setattr__(self, "_requested", {f.name: getattr(self, f.name) for f in dataclasses.fields(self)})
         msl = self.max_seq_len
         if isinstance(msl, bool) or not isinstance(msl, int) or not 2 <= msl <= MAX_SEQ_LEN_LIMIT:
             raise InvalidConfigError(
@@ -178,7 +225,7 @@ class ExportConfig:
                 f"qlinear_8bit={tuple(patterns)!r} needs a 4-bit qlinear ('8da4w' or '4w') to differ from; "
                 f"qlinear is {self.qlinear!r}."
             )
-        if self.qhead not in QHEAD_CHOICES:
+        if self.qhead not in (AUTO, *QHEAD_CHOICES):
             raise InvalidConfigError(f"qhead={self.qhead!r} is not valid; use one of {list(QHEAD_CHOICES)}.")
         if self.qembedding not in (None, *QEMBEDDING_SCHEMES):
             raise InvalidConfigError(
@@ -193,7 +240,58 @@ class ExportConfig:
             raise InvalidConfigError(f"logits={self.logits!r} is not valid; use one of {list(LOGITS_MODES)}.")
         _check_group_size("qlinear_group_size", self.qlinear_group_size)
         _check_group_size("qembedding_group_size", self.qembedding_group_size)
+        self._resolve_quantization()
         _check_backend_support(self)
+
+    def _resolve_quantization(self) -> None:
+        """Resolve :data:`AUTO`; raise :class:`_NoEffectError` for a value nothing would use."""
+        qlinear, qhead, gs = self.qlinear, self.qhead, self.qlinear_group_size
+        if qhead == AUTO:
+            qhead = "same" if qlinear else None
+        elif qhead == "same" and qlinear is None:
+            raise _NoEffectError(
+                "qhead",
+                "qhead='same' has no effect with qlinear=None: the head would follow linear layers that stay "
+                "in float. Leave qhead out, or give the head a scheme of its own (e.g. qhead='8da8w').",
+            )
+        elif qhead is not None and qhead == qlinear:
+            qhead = "same"  # the same program: one spelling, one cache key
+        object.__setattr__(self, "qhead", qhead)
+        four_bit = [s for s in dict.fromkeys((qlinear, self.head_scheme)) if s in FOUR_BIT_SCHEMES]
+        if gs == AUTO:
+            gs = DEFAULT_GROUP_SIZE[self.backend] if four_bit else None
+        elif gs is not None and not four_bit:
+            raise _NoEffectError(
+                "qlinear_group_size",
+                f"qlinear_group_size={gs} has no effect: no linear layer gets 4-bit weights (qlinear={qlinear!r}, "
+                f"head {self.head_scheme!r}), and 8-bit weights always have one scale per output channel. "
+                f"Leave it out (or pass None), or choose a 4-bit scheme such as qlinear='8da4w'.",
+            )
+        object.__setattr__(self, "qlinear_group_size", gs)
+        if self.qembedding is None and self.qembedding_group_size is not None:
+            raise _NoEffectError(
+                "qembedding_group_size",
+                f"qembedding_group_size={self.qembedding_group_size} has no effect with qembedding=None (the "
+                f"embedding stays in {self.dtype}). Leave it out, or quantize the embedding (qembedding='8w' "
+                f"or '4w').",
+            )
+
+    @property
+    def head_scheme(self) -> str | None:
+        """The output head's scheme: ``qlinear`` when ``qhead`` is ``"same"``, else ``qhead``."""
+        return self.qlinear if self.qhead in ("same", AUTO) else self.qhead
+
+    def linear_group_size(self, scheme: str | None) -> int | None:
+        """Group size of the linear layers quantized with ``scheme``.
+
+        Args:
+            scheme: a :data:`QLINEAR_SCHEMES` name, or ``None``.
+
+        Returns:
+            ``qlinear_group_size`` for 4-bit schemes; ``None`` (one scale per output channel) for
+            8-bit ones and for float layers.
+        """
+        return self.qlinear_group_size if scheme in FOUR_BIT_SCHEMES else None
 
     @property
     def torch_dtype(self):
@@ -210,11 +308,30 @@ class ExportConfig:
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> "ExportConfig":
-        """Build a config from :meth:`to_dict` output; unknown keys raise :class:`InvalidConfigError`."""
-        return cls().replace(**dict(data))
+        """Build a config from :meth:`to_dict` output, e.g. a stored manifest.
+
+        A stored dict may hold fields with no effect (older versions wrote the then-default
+        ``qlinear_group_size=32`` and ``qhead='same'`` with ``qlinear=None``): they are reset to
+        their defaults, which builds the same program, rather than refused.
+
+        Raises:
+            InvalidConfigError: unknown keys, or a value that is not valid.
+        """
+        data = dict(data)
+        for _ in range(len(dataclasses.fields(cls)) + 1):
+            try:
+                return cls().replace(**data)
+            except _NoEffectError as e:
+                logger.debug("Stored export config: %s was reset to its default (%s)", e.field, e)
+                data[e.field] = cls.__dataclass_fields__[e.field].default
+        raise AssertionError("unreachable: every field can be reset once")
 
     def replace(self, **overrides: Any) -> "ExportConfig":
-        """Return a copy with ``overrides`` applied.
+        """Return a copy with ``overrides`` applied to the fields as this config was asked for.
+
+        Defaults left at :data:`AUTO` are resolved again, so ``ExportConfig().replace(qlinear="8da4w")``
+        gets 4-bit groups of 32 and a quantized head. (``dataclasses.replace`` would pass the
+        resolved values on as if given: use this method.)
 
         Raises:
             InvalidConfigError: an override names no field of ``ExportConfig``, or has a bad value.
@@ -225,24 +342,22 @@ class ExportConfig:
                 f"unknown ExportConfig field(s) {unknown}; the fields are "
                 f"{[f.name for f in dataclasses.fields(self)]}."
             )
-        return dataclasses.replace(self, **overrides)
+        return type(self)(**{**self._requested, **overrides})
 
 
-#: Named export recipes: ``ExportConfig`` fields per name. ``DEFAULT_RECIPE`` is what
+#: Named export recipes: ``ExportConfig`` fields per name (4-bit recipes get XNNPACK's default groups
+#: of 32 from :data:`DEFAULT_GROUP_SIZE`). ``DEFAULT_RECIPE`` is what
 #: ``from_pretrained`` builds when given neither a recipe nor an ``ExportConfig``; the README's
 #: quality/speed table (produced by ``benchmarks/quality.py``) says why it is the default.
 RECIPES: dict[str, dict[str, Any]] = {
     "xnnpack-fp32": {},
-    "xnnpack-8da8w": {"qlinear": "8da8w", "qlinear_group_size": None, "qembedding": "8w"},
-    "xnnpack-8da4w": {
-        "qlinear": "8da4w", "qlinear_group_size": 32, "qhead": "8da8w", "qlinear_8bit": ("*.mlp.down_proj",),
-        "qembedding": "8w",
-    },
+    "xnnpack-8da8w": {"qlinear": "8da8w", "qembedding": "8w"},
+    "xnnpack-8da4w": {"qlinear": "8da4w", "qhead": "8da8w", "qlinear_8bit": ("*.mlp.down_proj",), "qembedding": "8w"},
     "xnnpack-8da4w-kv8": {
-        "qlinear": "8da4w", "qlinear_group_size": 32, "qhead": "8da8w", "qlinear_8bit": ("*.mlp.down_proj",),
-        "qembedding": "8w", "kv_cache_dtype": "int8",
+        "qlinear": "8da4w", "qhead": "8da8w", "qlinear_8bit": ("*.mlp.down_proj",), "qembedding": "8w",
+        "kv_cache_dtype": "int8",
     },
-    "xnnpack-8da4w-pure": {"qlinear": "8da4w", "qlinear_group_size": 32, "qembedding": "8w"},
+    "xnnpack-8da4w-pure": {"qlinear": "8da4w", "qembedding": "8w"},
     "portable-fp32": {"backend": "portable"},
 }
 DEFAULT_RECIPE = "xnnpack-8da4w"

@@ -106,11 +106,9 @@ def quantization_summary(cfg: ExportConfig) -> dict[str, Any]:
             return cfg.dtype
         return f"{name}, groups of {group}" if group else f"{name}, per channel"
 
-    head = cfg.qlinear if cfg.qhead == "same" else cfg.qhead
-    head_group = cfg.qlinear_group_size if cfg.qhead == "same" or (head or "").endswith("4w") else None
     summary: dict[str, Any] = {
-        "linear": scheme(cfg.qlinear, cfg.qlinear_group_size),
-        "head": scheme(head, head_group),
+        "linear": scheme(cfg.qlinear, cfg.linear_group_size(cfg.qlinear)),
+        "head": scheme(cfg.head_scheme, cfg.linear_group_size(cfg.head_scheme)),
         "embedding": scheme(cfg.qembedding, cfg.qembedding_group_size),
         "kv_cache": cfg.kv_cache_dtype or cfg.dtype,
     }

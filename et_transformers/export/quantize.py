@@ -211,15 +211,12 @@ def output_head_name(model: nn.Module) -> str | None:
 
 
 def _linear_plan(name: str, head: str | None, config: ExportConfig) -> tuple[str | None, int | None]:
-    """``(scheme, group size)`` for one linear layer: the head may have its own (``config.qhead``)."""
+    """``(scheme, group size)`` for one linear layer: the head may have its own (``config.qhead``);
+    8-bit weights are always per output channel (``config.linear_group_size``)."""
     if name != head and config.qlinear_8bit and any(fnmatch.fnmatchcase(name, p) for p in config.qlinear_8bit):
         return ("8da8w" if LINEAR_SCHEMES[config.qlinear][1] else "8w"), None
-    if name != head or config.qhead == "same":
-        return config.qlinear, config.qlinear_group_size
-    if config.qhead is None:
-        return None, None
-    bits, _ = LINEAR_SCHEMES[config.qhead]
-    return config.qhead, (None if bits == 8 else config.qlinear_group_size)
+    scheme = config.head_scheme if name == head else config.qlinear
+    return scheme, config.linear_group_size(scheme)
 
 
 def float_layer_weights(model: nn.Module) -> list[torch.Tensor]:
