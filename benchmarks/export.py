@@ -72,7 +72,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", choices=["smollm2", "llama-3.2-1b"], default="smollm2")
     parser.add_argument("--qlinear", default="8da4w")
-    parser.add_argument("--qlinear-group-size", type=int, default=32)
+    parser.add_argument("--qlinear-group-size", type=int, default=None, help="default: the scheme's (32 for 8da4w)")
     parser.add_argument("--qembedding", default="8w")
     parser.add_argument("--max-seq-len", type=int, default=None)
     parser.add_argument("--output", type=Path, default=None, help="keep the exported folder here")
@@ -96,7 +96,7 @@ def main() -> None:
         config = ExportConfig(
             max_seq_len=max_seq_len,
             qlinear=None if args.qlinear == "none" else args.qlinear,
-            qlinear_group_size=args.qlinear_group_size,
+            **({} if args.qlinear_group_size is None else {"qlinear_group_size": args.qlinear_group_size}),
             qembedding=None if args.qembedding == "none" else args.qembedding,
         )
         out = args.output or Path(tmp) / "out"
