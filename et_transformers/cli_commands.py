@@ -19,7 +19,7 @@ from pathlib import Path
 
 from .config import DEFAULT_RECIPE, ExportConfig
 from .config import recipe as make_recipe
-from .errors import ContextFullError, ETTransformersError
+from .errors import ContextFullError, ETTransformersError, InvalidConfigError
 
 # -- shared steps -------------------------------------------------------------------------------
 
@@ -192,12 +192,28 @@ def cmd_chat(args: argparse.Namespace) -> int:
             _err("(the context is now full: the reply was cut; /reset to start a new conversation)")
 
 
+def _export_options_given(args: argparse.Namespace) -> list[str]:
+    """The export options (``--recipe``, ``--qlinear``, ..., ``--force-export``) on the command line."""
+    names = [*(["recipe"] if args.recipe else []), *_export_overrides(args), *(["force_export"] * args.force_export)]
+    return ["--" + name.replace("_", "-") for name in names]
+
+
 def _pte_or_model(args: argparse.Namespace) -> Path:
-    """The ``.pte`` that ``inspect``'s argument names: a file, a folder with one, or a model to load."""
+    """The ``.pte`` that ``inspect``'s argument names: a file, a folder with one, or a model to load.
+
+    Raises:
+        InvalidConfigError: export options given with a program that is already exported.
+    """
     from .inspection import resolve_pte
 
     path = Path(args.model).expanduser()
     if path.is_file() or path.suffix == ".pte" or (path.is_dir() and (path / "model.pte").is_file()):
+        given = _export_options_given(args)
+        if given:
+            raise InvalidConfigError(
+                f"{' '.join(given)} cannot apply to {args.model}: it is an already exported program, there is "
+                f"nothing to export. Inspect it without them, or pass the original checkpoint to export it."
+            )
         return resolve_pte(path)
     return _load(args, warmup=False).pte_path
 

@@ -173,7 +173,8 @@ class ETModelForCausalLM:
                 :func:`et_transformers.cache.default_cache_dir`).
             local_files_only: use only local files and the cache (also ``HF_HUB_OFFLINE=1``).
             force_download: download the source files again.
-            force_export: export again even if the cache holds the program.
+            force_export: export again even if the cache holds the program (an already exported
+                folder or repo has nothing to export: raises).
             gguf_file: GGUF file inside the folder or repository.
             subfolder: folder inside the repository or local folder that holds the model.
             trust_remote_code: allow models whose config declares custom code.
@@ -185,7 +186,8 @@ class ETModelForCausalLM:
                 (e.g. ``max_seq_len=2048``); any other keyword raises.
 
         Raises:
-            InvalidConfigError: an unknown keyword or invalid export option.
+            InvalidConfigError: an unknown keyword or invalid export option, or export options or
+                ``force_export`` given for an already exported folder or repo.
             ProgramError: a pre-exported ``.pte`` does not match its manifest, or was built by an
                 ExecuTorch newer than the installed runtime.
             UnsupportedModelError, ModelNotFoundError, HubError, ExportError, CacheError.
@@ -208,11 +210,13 @@ class ETModelForCausalLM:
             use_safetensors=use_safetensors,
         )
         if source.is_program:
-            if explicit_export:
+            if explicit_export or force_export:
+                given = (
+                    "force_export=True" if force_export else f"export options ({export_overrides or export_config})"
+                )
                 raise InvalidConfigError(
-                    f"{source.name} holds an already exported program; export options "
-                    f"({export_overrides or export_config}) cannot apply to it. Load it without them, "
-                    f"or export the original checkpoint."
+                    f"{source.name} holds an already exported program; {given} cannot apply to it: there is "
+                    f"nothing to export. Load it without them, or export the original checkpoint."
                 )
             manifest = Manifest.read(source.path)
             manifest.check_runtime(where=source.name)

@@ -161,6 +161,21 @@ def test_bad_input_is_one_line_and_a_non_zero_exit(args, message):
     assert len(lines) == 1 and lines[0].startswith("et-transformers: error:") and message in lines[0], proc.stderr
 
 
+@pytest.mark.parametrize("target", ["x.pte", "folder"])
+@pytest.mark.parametrize("options", [["--recipe", "xnnpack-8da4w"], ["--qlinear", "8da8w", "--force-export"]])
+def test_inspect_refuses_export_options_for_an_exported_program(tmp_path, target, options):
+    path = tmp_path / target
+    if target == "folder":
+        path.mkdir()
+        (path / "model.pte").write_bytes(b"never read")
+    else:
+        path.write_bytes(b"never read")
+    proc = run_cli("inspect", path, *options)
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode != 0 and len(lines) == 1, proc.stderr
+    assert f"{options[0]} " in lines[0] and "already exported program" in lines[0], lines[0]
+
+
 def test_verbose_shows_the_traceback(tmp_path):
     bogus = tmp_path / "notes.txt"
     bogus.write_text("hello")

@@ -159,3 +159,10 @@ def test_from_pte_rejects_a_file_that_is_not_a_program(tmp_path):
     bogus.write_bytes(b"not a program at all")
     with pytest.raises(ProgramError):
         ETModelForCausalLM.from_pte(bogus)
+
+
+def test_force_export_on_an_exported_folder_raises(tmp_path):
+    (tmp_path / "model.pte").write_bytes(b"not read: the options are refused first")
+    (tmp_path / "manifest.json").write_text("{}")
+    with pytest.raises(InvalidConfigError, match=r"force_export=True cannot apply.*nothing to export.*original"):
+        ETModelForCausalLM.from_pretrained(tmp_path, force_export=True)
