@@ -3,10 +3,13 @@
 An entry is a complete model folder (``model.pte``, ``manifest.json``, config, generation config,
 tokenizer files) stored under ``<root>/models/<key>``, where the key hashes what the program was
 built from: the source identity (repo id + resolved commit, or the sha256 of every local model
-file), the ``ExportConfig`` and the versions of the stack. Entries are built in a temporary folder
-under ``<root>/tmp`` and renamed into place, so a killed export leaves no entry; a per-key file
-lock makes concurrent processes build once and share the result; every read checks the ``.pte``
-and rebuilds a corrupted entry rather than loading it. The check on read is size + CRC-32
+file), the ``ExportConfig``, the versions of the stack including et_transformers' own and, in a
+development checkout, the exporter's source (:func:`exporter_source_hash`), so a fixed exporter
+never serves what the old one built. Entries are built in a staging folder ``<root>/tmp/<key>-*``
+and renamed into place, so a killed export leaves no entry; a per-key file lock makes concurrent
+processes build once and share the result, and tells a killed build's staging folder (its key's
+lock is free) from a live one's: each build, once it holds its lock, removes the stale ones. Every
+read checks the ``.pte`` and rebuilds a corrupted entry rather than loading it. The check on read is size + CRC-32
 (recorded when the entry was stored, right after the manifest's sha256 was verified): it catches
 any flipped byte or truncation at a tenth of the cost of re-hashing with sha256 on every load.
 
@@ -17,6 +20,7 @@ torch nor ExecuTorch.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -39,6 +43,31 @@ _LAST_USED = ".last_used"
 _INTEGRITY = ".integrity.json"
 #: Stack packages whose versions are part of the key (a new version builds a new program).
 _KEY_PACKAGES = ("et-transformers", "torch", "executorch", "torchao", "transformers")
+
+
+#: Modules that shape the program (relative to the package): hashed into keys in a development checkout.
+_EXPORTER_SOURCES = ("export/*.py", "config.py", "architectures.py")
+
+
+@functools.lru_cache(maxsize=1)
+def exporter_source_hash() -> str | None:
+    """sha256 of the exporter's source (:data:`_EXPORTER_SOURCES`) in a development checkout.
+
+    A released package is identified by its version, which is in the key already; a git checkout
+    keeps one version while its exporter changes, so its source is hashed too.
+
+    Returns:
+        The hex digest, or ``None`` when the package is not in a git work tree.
+    """
+    package = Path(__file__).resolve().parent
+    if not (package.parent / ".git").exists():
+        return None
+    digest = hashlib.sha256()
+    for pattern in _EXPORTER_SOURCES:
+        for path in sorted(package.glob(pattern)):
+            digest.update(f"{path.relative_to(package).as_posix()}\0{len(path.read_bytes())}\0".encode())
+            digest.update(path.read_bytes())
+    return digest.hexdigest()
 
 
 def default_cache_dir() -> Path:
@@ -140,12 +169,14 @@ class ArtifactCache:
         return {"files": {str(p.relative_to(source.path)): self.file_sha256(p) for p in files}}
 
     def key_for(self, source, export_config) -> str:
-        """The content key of the program ``export_config`` would build from ``source``."""
+        """The content key of the program ``export_config`` would build from ``source``: it hashes
+        the source identity, the config, the stack's versions and :func:`exporter_source_hash`."""
         versions = stack_versions()
         payload = {
             "source": self.source_identity(source),
             "export_config": export_config.to_dict(),
             "versions": {k: versions.get(k) for k in _KEY_PACKAGES},
+            "exporter_source": exporter_source_hash(),
         }
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
 
@@ -156,6 +187,38 @@ class ArtifactCache:
 
         self._ensure_dirs()
         return FileLock(str(self.root / "locks" / f"{key}.lock"))
+
+    def _remove_stale_staging(self, held_key: str | None = None) -> list[str]:
+        """Remove the staging folders no live build owns; returns their names.
+
+        A staging folder is named after its key, and its build holds that key's lock until it ends:
+        a folder of ``held_key`` (whose lock the caller holds) is stale, another key's is stale when
+        its lock can be taken at once (the process that made it is gone), and it is removed under
+        that lock. Leftovers of :meth:`_discard` (``trash-*``) are stale; folders of an older layout
+        once they are an hour old.
+        """
+        from filelock import Timeout
+
+        removed = []
+        tmp = self.root / "tmp"
+        for folder in sorted(tmp.iterdir()) if tmp.is_dir() else []:
+            key = folder.name.rsplit("-", 1)[0]
+            if folder.name.startswith("trash-") or key == held_key:
+                shutil.rmtree(folder, ignore_errors=True)
+            elif len(key) == 64:
+                try:
+                    with self._lock(key).acquire(timeout=0):
+                        shutil.rmtree(folder, ignore_errors=True)
+                except Timeout:
+                    continue  # a live build is writing it
+            elif time.time() - folder.stat().st_mtime > 3600:
+                shutil.rmtree(folder, ignore_errors=True)
+            else:
+                continue
+            removed.append(folder.name)
+        if removed:
+            logger.info("Removed %d staging folder(s) of interrupted builds: %s", len(removed), ", ".join(removed))
+        return removed
 
     def get(self, key: str) -> Entry | None:
         """The verified entry for ``key``, or ``None``. A corrupted entry is logged and removed."""
@@ -198,7 +261,8 @@ class ArtifactCache:
                 entry = self.get(key)
                 if entry is not None:
                     return entry, False
-            staging = Path(tempfile.mkdtemp(prefix=f"{key[:16]}-", dir=self.root / "tmp"))
+            self._remove_stale_staging(key)
+            staging = Path(tempfile.mkdtemp(prefix=f"{key}-", dir=self.root / "tmp"))
             try:
                 build(staging)
                 manifest = Manifest.read(staging)
@@ -255,9 +319,7 @@ class ArtifactCache:
         Returns the removed keys."""
         removed = []
         now = time.time()
-        for leftover in (self.root / "tmp").glob("*") if (self.root / "tmp").is_dir() else []:
-            if now - leftover.stat().st_mtime > 3600:
-                shutil.rmtree(leftover, ignore_errors=True)
+        self._remove_stale_staging()
         entries = self.entries()
         if older_than_seconds is not None:
             for entry in list(entries):
