@@ -213,7 +213,7 @@ def _configure_output(verbose: bool) -> None:
         return
     logging.getLogger("et_transformers").setLevel(logging.WARNING)
     # Third-party progress bars are noise in a pipe (ours use tqdm, which checks for a terminal).
-    if not sys.stderr.isatty():
+    if sys.stderr is None or not sys.stderr.isatty():
         os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
     import warnings

@@ -11,8 +11,10 @@ stdout, diagnostics and per-turn figures to stderr.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -36,9 +38,35 @@ def _export_overrides(args: argparse.Namespace) -> dict:
     return overrides
 
 
+@contextlib.contextmanager
+def _native_stderr_muted():
+    """Inside: file descriptor 2 goes to /dev/null, so what C/C++ code writes there is dropped.
+
+    Python's ``sys.stderr`` writes to the same descriptor: keep the block to native calls.
+    """
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "wb") as null:
+            os.dup2(null.fileno(), 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
 def _load(args: argparse.Namespace, warmup: bool = True):
-    """The model the load options name (exported into the cache the first time)."""
+    """The model the load options name (exported into the cache the first time).
+
+    Without ``--verbose`` the ExecuTorch runtime is started first with its C++ log lines muted
+    (they are written to file descriptor 2, past Python's logging: see ``runtime.start_runtime``).
+    """
     from .modeling import ETModelForCausalLM
+    from .runtime import start_runtime
+
+    if not getattr(args, "verbose", False):
+        with _native_stderr_muted():
+            start_runtime()
 
     return ETModelForCausalLM.from_pretrained(
         args.model,
@@ -154,6 +182,8 @@ def cmd_chat(args: argparse.Namespace) -> int:
 
     model = _load(args)
     session = ChatSession(model, system_prompt=args.system, **_generation_kwargs(args))
+    if sys.stdin is None:  # started with stdin closed (`<&-`): no message will ever come
+        return 0
     interactive = sys.stdin.isatty()
     if interactive:
         _err(f"Chatting with {args.model} (context {session.context_size} tokens). {CHAT_HELP}")

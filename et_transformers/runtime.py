@@ -45,6 +45,20 @@ def load_kernel_libraries() -> None:
     _kernels_loaded = True
 
 
+def start_runtime() -> int:
+    """Load the kernel libraries and create ExecuTorch's thread pool now, not on the first run.
+
+    Creating the pool makes the runtime probe the CPU, which logs a few lines from C++ straight to
+    file descriptor 2 (``[cpuinfo_utils.cpp:...]``, no log-level switch in the Python bindings);
+    the CLI calls this with that descriptor muted, so its output carries none of them.
+
+    Returns:
+        The thread pool's size.
+    """
+    load_kernel_libraries()
+    return int(_bindings()._threadpool_get_thread_count())
+
+
 def _bindings():
     from executorch.extension.pybindings import _C
 

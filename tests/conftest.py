@@ -85,13 +85,19 @@ def run_python(code: str, env: dict | None = None, timeout: float = 600) -> subp
     )
 
 
-def run_cli(*args: str, input: str | None = None, env: dict | None = None, timeout: float = 600):
-    """Run ``python -m et_transformers.cli ARGS`` (the real entry point) in a fresh interpreter."""
+def run_cli(*args: str, input: str | None = None, env: dict | None = None, timeout: float = 600,
+            stdin=None, close_stdin: bool = False):
+    """Run ``python -m et_transformers.cli ARGS`` (the real entry point) in a fresh interpreter.
+
+    ``stdin`` is passed to ``subprocess.run`` (e.g. ``subprocess.DEVNULL``); ``close_stdin`` starts
+    the command with file descriptor 0 closed, as a shell's ``<&-`` does.
+    """
     full_env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
                 **(env or {})}
     return subprocess.run(
         [sys.executable, "-m", "et_transformers.cli", *map(str, args)],
-        input=input, capture_output=True, text=True, env=full_env, timeout=timeout,
+        input=input, stdin=stdin, capture_output=True, text=True, env=full_env, timeout=timeout,
+        preexec_fn=(lambda: os.close(0)) if close_stdin else None,
     )
 
 

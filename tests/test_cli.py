@@ -9,6 +9,7 @@ import json
 import re
 import shutil
 import stat
+import subprocess
 
 import pytest
 import torch
@@ -69,6 +70,25 @@ def test_chat_keeps_the_kv_cache_across_turns(cli_export, cli_model):
     assert after_reset[1] == 0  # a reset conversation starts from position 0
     replies = [line.strip() for line in proc.stdout.strip().splitlines()]
     assert replies[:2] == [m["content"].strip() for m in same.messages if m["role"] == "assistant"]
+
+
+@pytest.mark.parametrize("how", ["devnull", "closed"])
+def test_chat_with_no_stdin_ends_cleanly(cli_export, how):
+    out, _ = cli_export
+    if how == "devnull":
+        proc = run_cli("chat", out, *GREEDY, stdin=subprocess.DEVNULL)
+    else:
+        proc = run_cli("chat", out, *GREEDY, close_stdin=True)
+    assert proc.returncode == 0 and proc.stderr == "", proc.stderr[-3000:]
+
+
+def test_executorch_log_lines_are_hidden_unless_verbose(cli_export):
+    out, _ = cli_export
+    proc = run_cli("generate", out, "Paris is", *GREEDY)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "[cpuinfo" not in proc.stderr and ".cpp:" not in proc.stderr, proc.stderr
+    verbose = run_cli("generate", out, "Paris is", *GREEDY, "--verbose")
+    assert verbose.returncode == 0 and verbose.stdout == proc.stdout  # the lines may show here
 
 
 def test_inspect_shows_methods_metadata_and_the_delegation_table(cli_export):
