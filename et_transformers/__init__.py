@@ -22,6 +22,7 @@ from .errors import (
     InvalidConfigError,
     ModelNotFoundError,
     ProgramError,
+    TokenizerError,
     UnsupportedModelError,
 )
 
@@ -51,6 +52,7 @@ __all__ = [
     "ModelNotFoundError",
     "ProgramError",
     "SUPPORTED_MODEL_TYPES",
+    "TokenizerError",
     "UnsupportedModelError",
     "export_to_pte",
 ]

@@ -54,12 +54,13 @@ class ChatSession:
             ``context_used`` and ``context_size``.
 
     Raises:
-        ETTransformersError: the model has no tokenizer or no chat template.
+        TokenizerError: the model has no tokenizer.
+        ETTransformersError: its tokenizer has no chat template.
     """
 
     def __init__(self, model, *, system_prompt: str | None = None, **generation_kwargs: Any):
-        tokenizer = model.tokenizer
-        if tokenizer is None or not getattr(tokenizer, "chat_template", None):
+        tokenizer = model.require_tokenizer("a chat")  # TokenizerError when the model has none
+        if not getattr(tokenizer, "chat_template", None):
             raise ETTransformersError(
                 f"{model.pte_path.parent} has no tokenizer chat template; a chat needs one "
                 f"(use generate() for plain text prompts)."

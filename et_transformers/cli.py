@@ -92,6 +92,10 @@ def _add_load_options(
     _add_export_options(p)
 
 
+def _add_tokenizer_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--tokenizer", help="folder holding the tokenizer, for a model saved without one")
+
+
 def _add_sampling_options(p: argparse.ArgumentParser, max_new_tokens: int = 128) -> None:
     g = p.add_argument_group("generation options (GenerationConfig fields)")
     g.add_argument("--max-new-tokens", type=int, default=max_new_tokens,
@@ -152,6 +156,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = command("generate", commands.cmd_generate, "generate text for a prompt, streaming it")
     _add_load_options(p)
+    _add_tokenizer_option(p)
     p.add_argument("prompt", help="the prompt text")
     p.add_argument("--chat", action="store_true", help="apply the tokenizer's chat template to the prompt")
     p.add_argument("--stats", action="store_true", help="print TTFT, prefill/decode tok/s and peak RSS")
@@ -159,6 +164,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = command("chat", commands.cmd_chat, "interactive multi-turn chat (the KV cache is kept across turns)")
     _add_load_options(p)
+    _add_tokenizer_option(p)
     p.add_argument("--system", help="system prompt opening the conversation")
     p.add_argument("--stats", action="store_true", help="print each turn's figures (TTFT, tokens prefilled)")
     _add_sampling_options(p, max_new_tokens=256)
@@ -169,6 +175,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = command("profile", commands.cmd_profile, "profile one generation with ETDump + the Inspector")
     _add_load_options(p)
+    _add_tokenizer_option(p)
     p.add_argument("prompt", nargs="?", default="Once upon a time", help="the prompt (default: %(default)r)")
     p.add_argument("--chat", action="store_true", help="apply the tokenizer's chat template to the prompt")
     p.add_argument("--etdump", type=Path, help="keep the raw ETDump in this file")

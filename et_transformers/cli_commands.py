@@ -78,6 +78,7 @@ def _load(args: argparse.Namespace, warmup: bool = True):
         force_export=args.force_export,
         trust_remote_code=args.trust_remote_code,
         warmup=warmup,
+        tokenizer=getattr(args, "tokenizer", None),  # generate, chat and profile take --tokenizer
         **_export_overrides(args),
     )
 
@@ -103,9 +104,7 @@ def _streamer(tokenizer):
 
 
 def _require_tokenizer(model, args):
-    if model.tokenizer is None:
-        raise ETTransformersError(f"{args.model} has no tokenizer; cannot encode a text prompt.")
-    return model.tokenizer
+    return model.require_tokenizer("a text prompt")  # TokenizerError naming the model and the fix
 
 
 def _err(*parts) -> None:

@@ -43,3 +43,8 @@ class HubError(ETTransformersError, RuntimeError):
 
 class ContextFullError(ETTransformersError, ValueError):
     """A conversation or prompt no longer fits the program's context (its KV cache length)."""
+
+
+class TokenizerError(ETTransformersError, ValueError):
+    """A text feature (a text prompt, ``stop_strings``, a chat) needs a tokenizer the model lacks, or
+    a ``tokenizer=`` path holds none."""

@@ -28,35 +28,11 @@ from .generation import GenerationStats, Generator, peak_rss_bytes
 from .manifest import PTE_NAME, Manifest
 from .model_card import CardData
 from .runtime import Program
+from .tokenization import load_tokenizer, missing_tokenizer, resolve_tokenizer
+
+__all__ = ["ETModelForCausalLM", "load_tokenizer"]
 
 logger = logging.getLogger(__name__)
-
-
-#: Tokenizer classes that are exactly the generic ``tokenizers``-backed fast tokenizer.
-_GENERIC_TOKENIZER_CLASSES = ("TokenizersBackend", "PreTrainedTokenizerFast")
-
-
-def load_tokenizer(folder: Path):
-    """The tokenizer saved in ``folder``, or ``None``.
-
-    A generic fast tokenizer is loaded with its own class: ``AutoTokenizer`` would first import
-    every model family's tokenizer mapping (about two seconds), which is most of a cached load.
-    """
-    import json
-
-    if not any((folder / n).is_file() for n in ("tokenizer.json", "tokenizer_config.json")):
-        return None
-    try:
-        tokenizer_class = json.loads((folder / "tokenizer_config.json").read_text()).get("tokenizer_class")
-    except (OSError, ValueError):
-        tokenizer_class = None
-    if tokenizer_class in _GENERIC_TOKENIZER_CLASSES and (folder / "tokenizer.json").is_file():
-        from transformers import PreTrainedTokenizerFast
-
-        return PreTrainedTokenizerFast.from_pretrained(folder)
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(folder)
 
 
 def _read_config_dict(folder: Path) -> dict:
@@ -88,7 +64,8 @@ class ETModelForCausalLM:
     Attributes:
         config: the transformers config of the source model (``None`` for a bare ``.pte``).
         generation_config: default ``GenerationConfig`` for :meth:`generate`.
-        tokenizer: the model's tokenizer (``None`` if unknown).
+        tokenizer: the model's tokenizer (``None`` when its checkpoint had none: text features
+            then raise :class:`~et_transformers.errors.TokenizerError`).
         export_config: the :class:`ExportConfig` the program was built with (``None`` if unknown).
         pte_path: path of the loaded ``.pte``.
         manifest: the program's :class:`~et_transformers.manifest.Manifest`, when it has one.
@@ -156,6 +133,7 @@ class ETModelForCausalLM:
         trust_remote_code: bool = False,
         use_safetensors: bool = True,
         warmup: bool = True,
+        tokenizer=None,
         **export_overrides: Any,
     ) -> "ETModelForCausalLM":
         """Load a model, exporting it to ExecuTorch the first time and from the cache afterwards.
@@ -182,6 +160,9 @@ class ETModelForCausalLM:
                 checkpoint has no safetensors (pickles can run code: trusted sources only).
             warmup: run one token through the program while loading, so XNNPACK packs its weights
                 now (counted in ``stats.load_time``) rather than during the first ``generate``.
+            tokenizer: a tokenizer object or a folder holding one, used instead of the files beside
+                the program (for a checkpoint saved without its tokenizer: it exports and
+                generates from ids without one, and text features raise ``TokenizerError``).
             **export_overrides: :class:`ExportConfig` fields overriding ``export_config``
                 (e.g. ``max_seq_len=2048``); any other keyword raises.
 
@@ -190,9 +171,11 @@ class ETModelForCausalLM:
                 ``force_export`` given for an already exported folder or repo.
             ProgramError: a pre-exported ``.pte`` does not match its manifest, or was built by an
                 ExecuTorch newer than the installed runtime.
+            TokenizerError: a ``tokenizer`` path holds no tokenizer files.
             UnsupportedModelError, ModelNotFoundError, HubError, ExportError, CacheError.
         """
         t0 = time.perf_counter()
+        tokenizer = resolve_tokenizer(tokenizer)
         if export_config is not None and recipe is not None:
             raise InvalidConfigError(f"pass either export_config or recipe={recipe!r}, not both.")
         explicit_export = export_config is not None or recipe is not None or bool(export_overrides)
@@ -220,7 +203,9 @@ class ETModelForCausalLM:
                 )
             manifest = Manifest.read(source.path)
             manifest.check_runtime(where=source.name)
-            model = cls._load(source.path / PTE_NAME, t0=t0, warmup=warmup, manifest=manifest, verify=True)
+            model = cls._load(
+                source.path / PTE_NAME, t0=t0, warmup=warmup, manifest=manifest, tokenizer=tokenizer, verify=True
+            )
             logger.info("Loaded the exported program of %s (no export)", source.name)
             return model
 
@@ -238,7 +223,7 @@ class ETModelForCausalLM:
         entry, built = cache.get_or_build(key, build, rebuild=force_export)
         if built:
             logger.info("Exported %s in %.1f s to %s", source.name, export_time[0], entry.path)
-        model = cls._load(entry.pte_path, t0=t0, warmup=warmup, manifest=entry.manifest)  # verified by get
+        model = cls._load(entry.pte_path, t0=t0, warmup=warmup, manifest=entry.manifest, tokenizer=tokenizer)
         model.stats.export_time = export_time[0] if export_time else None
         return model
 
@@ -306,13 +291,14 @@ class ETModelForCausalLM:
 
         Args:
             path: the ``.pte`` file.
-            tokenizer: a tokenizer object, or a path/Hub-cache-free folder to load one from.
+            tokenizer: a tokenizer object, or a folder (or its ``tokenizer.json``) to load one from.
             config: the transformers config, if known.
             generation_config: default generation settings, if known.
             warmup: see :meth:`from_pretrained`.
 
         Raises:
             ProgramError: not a loadable LLM program, or it does not match its manifest.
+            TokenizerError: a ``tokenizer`` path holds no tokenizer files.
         """
         t0 = time.perf_counter()
         path = Path(path)
@@ -324,10 +310,7 @@ class ETModelForCausalLM:
         if (path.parent / "manifest.json").is_file() and path.name == PTE_NAME:
             manifest = Manifest.read(path.parent)
             manifest.check_runtime(where=str(path))
-        if isinstance(tokenizer, (str, os.PathLike)):
-            from transformers import AutoTokenizer
-
-            tokenizer = AutoTokenizer.from_pretrained(tokenizer)
+        tokenizer = resolve_tokenizer(tokenizer)
         return cls._load(
             path,
             t0=t0,
@@ -450,6 +433,22 @@ class ETModelForCausalLM:
             )
         return self.manifest
 
+    def require_tokenizer(self, feature: str):
+        """The model's tokenizer, for a feature that needs one.
+
+        Args:
+            feature: what needs it, for the message (``"a chat"``, ``"a text prompt"``).
+
+        Raises:
+            TokenizerError: the model has none; the message names its source and the fix.
+        """
+        if self.tokenizer is None:
+            source = (self.manifest.source if self.manifest else {}) or {}
+            where = source.get("repo_id") or source.get("path")
+            raise missing_tokenizer(f"{where} (exported to {self.pte_path.parent})" if where else
+                                    str(self.pte_path.parent), feature)
+        return self.tokenizer
+
     def warmup(self) -> None:
         """Run one token through the program so XNNPACK packs its weights now.
 
@@ -557,9 +556,12 @@ class ETModelForCausalLM:
             ValueError: bad input (empty prompt, ids outside the vocabulary, prompt or requested
                 length beyond the context, out-of-range sampling values, unknown keywords),
                 raised before the program runs.
+            TokenizerError: ``stop_strings`` with no tokenizer (passed or the model's).
         """
         load, export = self.stats.load_time, self.stats.export_time
         tokenizer = kwargs.pop("tokenizer", None)
+        if tokenizer is None and kwargs.get("stop_strings") is not None:
+            self.require_tokenizer("stop_strings")  # raises, naming the model and the fix, when it has none
         out, stats = self._generator.generate(
             self.generation_config,
             input_ids,

@@ -25,6 +25,8 @@ from transformers import GenerationConfig
 from transformers.generation import logits_process as lp
 from transformers.generation import stopping_criteria as sc
 
+from .errors import TokenizerError
+
 logger = logging.getLogger(__name__)
 
 #: GenerationConfig fields generate() honours.
@@ -303,7 +305,7 @@ def build_stopping_criteria(gc, eos, custom, tokenizer, max_position_embeddings)
         criteria.append(sc.MaxTimeCriteria(max_time=gc.max_time))
     if gc.stop_strings is not None:
         if tokenizer is None:
-            raise ValueError("stop_strings needs a tokenizer: pass tokenizer= to generate().")
+            raise TokenizerError("stop_strings needs a tokenizer: pass tokenizer= to generate().")
         criteria.append(sc.StopStringCriteria(stop_strings=gc.stop_strings, tokenizer=tokenizer))
     if eos is not None:
         criteria.append(sc.EosTokenCriteria(eos_token_id=eos))

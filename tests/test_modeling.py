@@ -166,3 +166,65 @@ def test_force_export_on_an_exported_folder_raises(tmp_path):
     (tmp_path / "manifest.json").write_text("{}")
     with pytest.raises(InvalidConfigError, match=r"force_export=True cannot apply.*nothing to export.*original"):
         ETModelForCausalLM.from_pretrained(tmp_path, force_export=True)
+
+
+# -- a checkpoint saved without its tokenizer (Trainer, model.save_pretrained() alone) ---------------
+
+
+@pytest.fixture(scope="module")
+def no_tokenizer(tiny_llama_model, tmp_path_factory):
+    """``(checkpoint folder, cache root, model)``: the tiny Llama saved without a tokenizer, exported
+    (fp32, max_seq_len 32: the only export of its own) and loaded."""
+    folder = tmp_path_factory.mktemp("no-tokenizer") / "checkpoint"
+    tiny_llama_model.save_pretrained(folder)
+    cache = tmp_path_factory.mktemp("no-tokenizer-cache")
+    model = ETModelForCausalLM.from_pretrained(folder, cache_dir=cache, recipe="xnnpack-fp32", max_seq_len=32)
+    return folder, cache, model
+
+
+def test_a_checkpoint_without_tokenizer_exports_and_generates_from_ids(no_tokenizer, tiny_llama_model):
+    folder, _, model = no_tokenizer
+    assert not any(p.name.startswith(("tokenizer", "vocab", "special_tokens")) for p in folder.iterdir())
+    assert model.tokenizer is None and model.stats.export_time is not None
+    exported = model.pte_path.parent
+    assert not any(p.name.startswith(("tokenizer", "vocab", "special_tokens")) for p in exported.iterdir())
+    assert model.manifest.program["tokenizer"] is False
+    ids = torch.tensor([[5, 9, 100, 7]])
+    with torch.no_grad():
+        expected = tiny_llama_model.generate(ids, max_new_tokens=6, do_sample=False)
+    assert torch.equal(model.generate(ids, max_new_tokens=6, do_sample=False), expected)
+
+
+def test_text_features_without_tokenizer_raise_tokenizer_error(no_tokenizer):
+    from et_transformers import ChatSession, TokenizerError
+
+    folder, _, model = no_tokenizer
+    with pytest.raises(TokenizerError, match=rf"{folder}.*a chat needs.*tokenizer="):
+        ChatSession(model)
+    with pytest.raises(TokenizerError, match=rf"{folder}.*stop_strings needs.*tokenizer="):
+        model.generate(torch.tensor([[5, 9]]), max_new_tokens=2, stop_strings=["."])
+    with pytest.raises(TokenizerError, match="holds no tokenizer files"):
+        ETModelForCausalLM.from_pte(model.pte_path, tokenizer=folder)
+
+
+def test_tokenizer_can_be_passed_as_an_object_or_a_path(no_tokenizer, tiny_llama_dir):
+    import tiny
+
+    folder, cache, _ = no_tokenizer
+    model = ETModelForCausalLM.from_pretrained(folder, cache_dir=cache, recipe="xnnpack-fp32", max_seq_len=32,
+                                               tokenizer=tiny_llama_dir)
+    assert model.stats.export_time is None and model.tokenizer("Paris").input_ids  # the cached program
+    out = model.generate(torch.tensor([[5, 9]]), max_new_tokens=4, stop_strings=["the"])
+    assert out.shape[1] <= 6
+    from_pte = ETModelForCausalLM.from_pte(model.pte_path, tokenizer=tiny.make_tokenizer())
+    assert from_pte.tokenizer.chat_template == tiny.CHAT_TEMPLATE
+
+
+def test_cli_generate_on_text_without_tokenizer_is_a_one_line_tokenizer_error(no_tokenizer):
+    from conftest import run_cli
+
+    _, _, model = no_tokenizer
+    proc = run_cli("generate", model.pte_path.parent, "Paris is", "--max-new-tokens", "2")
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode != 0 and len(lines) == 1, proc.stderr
+    assert "has no tokenizer, which a text prompt needs" in lines[0] and "--tokenizer" in lines[0]

@@ -9,7 +9,9 @@ twice that in float32); buffers the model computes at construction (RoPE frequen
 embedding scale) are nevertheless the float32 values a float32 load gives, so later stages see
 exactly what a float32 model holds. GGUF files are dequantized to float32 by transformers'
 ``gguf_file=`` support. The dtype and quantize stages convert each weight later, layer by layer.
-Pickled weights are loaded only when the source allows them (``use_safetensors=False``).
+Pickled weights are loaded only when the source allows them (``use_safetensors=False``). A checkpoint
+without tokenizer files (what ``Trainer`` or ``model.save_pretrained()`` alone writes) loads with no
+tokenizer: generating from token ids needs none.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ import torch
 from ..architectures import Architecture, check_config, resolve_architecture
 from ..errors import ModelNotFoundError, UnsupportedModelError
 from ..hub import ModelSource
+from ..tokenization import has_tokenizer_files
 
 logger = logging.getLogger(__name__)
 
@@ -38,7 +41,7 @@ class LoadedModel:
     Attributes:
         model: the ``*ForCausalLM`` in eval mode; weights in their stored dtype (see
             :func:`stored_dtype`), float32 buffers.
-        tokenizer: its tokenizer.
+        tokenizer: its tokenizer, or ``None`` when the checkpoint has no tokenizer files.
         config: its ``PretrainedConfig``.
         generation_config: its ``GenerationConfig`` (from ``generation_config.json`` when present).
         architecture: the matching :class:`~et_transformers.architectures.Architecture`.
@@ -135,9 +138,16 @@ def load_model(source: ModelSource, *, trust_remote_code: bool = False, max_seq_
             # None lets transformers fall back to pickles: only when the caller asked for them.
             use_safetensors=None if source.gguf_file or not source.use_safetensors else True,
         )
-        tokenizer = AutoTokenizer.from_pretrained(
-            source.path, gguf_file=source.gguf_file, trust_remote_code=trust_remote_code
-        )
+        tokenizer = None
+        if source.gguf_file or has_tokenizer_files(source.path):
+            tokenizer = AutoTokenizer.from_pretrained(
+                source.path, gguf_file=source.gguf_file, trust_remote_code=trust_remote_code
+            )
+        else:  # Trainer / model.save_pretrained() alone: generation from ids needs no tokenizer
+            logger.warning(
+                "%s has no tokenizer files; the program will generate from token ids only (text prompts, "
+                "stop_strings and chat need tokenizer=)", source.name
+            )
     except OSError as e:
         raise ModelNotFoundError(f"cannot load {source.name}: {e}") from e
     model.eval()

@@ -247,11 +247,12 @@ class Exporter:
         loaded = self._require("loaded", "load")
         config, tokenizer, gen = loaded.config, loaded.tokenizer, loaded.generation_config
         eos: list[int] = []
-        for value in (gen.eos_token_id, config.eos_token_id, tokenizer.eos_token_id):
+        tok_eos, tok_bos = (None, None) if tokenizer is None else (tokenizer.eos_token_id, tokenizer.bos_token_id)
+        for value in (gen.eos_token_id, config.eos_token_id, tok_eos):
             for token in value if isinstance(value, (list, tuple)) else [value]:
                 if token is not None and int(token) not in eos:
                     eos.append(int(token))
-        bos = next((b for b in (gen.bos_token_id, config.bos_token_id, tokenizer.bos_token_id) if b is not None), -1)
+        bos = next((b for b in (gen.bos_token_id, config.bos_token_id, tok_bos) if b is not None), -1)
         module = self._require("module", "source_transform")
         n_layers = getattr(config, "num_hidden_layers", None) or len(module.layer_ids)
         rebuild = cache_rebuild_length(loaded.architecture, config, self.export_config.max_seq_len)
@@ -332,7 +333,8 @@ class Exporter:
 
         The folder holds ``model.pte``, ``manifest.json``, ``config.json``,
         ``generation_config.json`` and the tokenizer files (``tokenizer.json`` is what ExecuTorch's
-        C++ runner loads), plus ``etrecord.bin`` when an ETRecord was recorded. Files already in
+        C++ runner loads; none when the checkpoint had none, as the manifest's ``program.tokenizer``
+        records), plus ``etrecord.bin`` when an ETRecord was recorded. Files already in
         ``output_dir`` with other names are left alone.
         """
         program = self._require("executorch_program", "to_executorch")
@@ -347,7 +349,8 @@ class Exporter:
                     program.write_to_file(f)
                 loaded.config.save_pretrained(staging)
                 loaded.generation_config.save_pretrained(staging)
-                loaded.tokenizer.save_pretrained(staging)
+                if loaded.tokenizer is not None:  # a checkpoint saved without one: ids only
+                    loaded.tokenizer.save_pretrained(staging)
                 if self.etrecord is not None:
                     self.etrecord.save(str(staging / ETRECORD_NAME))
                 self.build_manifest(pte).write(staging)
@@ -373,6 +376,7 @@ class Exporter:
                 "quantization": self.quantization_report,
                 "delegation": self.delegation_table(),
                 "export_seconds": {k: round(v, 2) for k, v in self.timings.items()},
+                "tokenizer": loaded.tokenizer is not None,
             },
         )
 
