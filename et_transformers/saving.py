@@ -24,6 +24,7 @@ from .errors import ProgramError
 from .hub import METADATA_PATTERNS
 from .manifest import MANIFEST_NAME, PTE_NAME, Manifest
 from .model_card import CardData, render
+from .tokenization import has_tokenizer_files
 
 logger = logging.getLogger(__name__)
 
@@ -99,7 +100,8 @@ def write_model_folder(
         recorded = dict(manifest.source)
         if recorded.get("path"):  # a shared folder must not carry the saver's local paths
             recorded["path"] = Path(recorded["path"]).name
-        manifest = dataclasses.replace(manifest, metrics=metrics, source=recorded)
+        program = {**manifest.program, "tokenizer": has_tokenizer_files(staging)}  # as saved, not as exported
+        manifest = dataclasses.replace(manifest, metrics=metrics, source=recorded, program=program)
         manifest.write(staging)
         chat = bool(getattr(tokenizer, "chat_template", None)) or (staging / "chat_template.jinja").is_file()
         (staging / CARD_NAME).write_text(

@@ -228,3 +228,14 @@ def test_cli_generate_on_text_without_tokenizer_is_a_one_line_tokenizer_error(no
     lines = proc.stderr.strip().splitlines()
     assert proc.returncode != 0 and len(lines) == 1, proc.stderr
     assert "has no tokenizer, which a text prompt needs" in lines[0] and "--tokenizer" in lines[0]
+
+
+def test_save_pretrained_with_a_tokenizer_given_later_records_it(no_tokenizer, tiny_llama_dir, tmp_path):
+    from et_transformers.manifest import Manifest
+
+    folder, cache, _ = no_tokenizer
+    model = ETModelForCausalLM.from_pretrained(folder, cache_dir=cache, recipe="xnnpack-fp32", max_seq_len=32,
+                                               tokenizer=str(tiny_llama_dir))
+    saved = model.save_pretrained(tmp_path / "with-tokenizer")
+    assert (saved / "tokenizer.json").is_file() and Manifest.read(saved).program["tokenizer"] is True
+    assert ETModelForCausalLM.from_pretrained(saved).tokenizer("Paris").input_ids
