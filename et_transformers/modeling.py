@@ -27,6 +27,7 @@ from .errors import InvalidConfigError, ModelNotFoundError, ProgramError
 from .generation import GenerationStats, Generator, peak_rss_bytes
 from .manifest import PTE_NAME, Manifest
 from .model_card import CardData
+from .planning import drop_refused_fields
 from .runtime import Program
 
 logger = logging.getLogger(__name__)
@@ -112,6 +113,7 @@ class ETModelForCausalLM:
         self.program = program
         self._config = config
         self.generation_config = generation_config or GenerationConfig()
+        drop_refused_fields(self.generation_config, f"{program.path.parent}/generation_config.json")
         self.tokenizer = tokenizer
         self.export_config = export_config
         self.manifest = manifest
