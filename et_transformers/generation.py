@@ -15,8 +15,8 @@ from __future__ import annotations
 
 import logging
 import time
-import warnings
 from dataclasses import asdict, dataclass, field
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -105,8 +105,38 @@ def _is_transformers_own(obj) -> bool:
     return type(obj).__module__.startswith("transformers.")
 
 
+#: Finish reasons (:attr:`~et_transformers.streaming.GenerationResponse.finish_reason`), and which
+#: wins when several criteria stop the same step.
+FINISH_REASONS = ("eos", "stop_string", "length", "max_time", "criteria", "context")
+
+
+def _reason(criterion) -> str:
+    """The finish reason a transformers stopping criterion stands for."""
+    if isinstance(criterion, sc.EosTokenCriteria):
+        return "eos"
+    if isinstance(criterion, sc.StopStringCriteria):
+        return "stop_string"
+    if isinstance(criterion, sc.MaxLengthCriteria):
+        return "length"
+    if isinstance(criterion, sc.MaxTimeCriteria):
+        return "max_time"
+    return "criteria"
+
+
+def _check_criteria(criteria, ids: torch.Tensor, scores: torch.Tensor) -> str | None:
+    """Run every criterion once, as ``StoppingCriteriaList`` does; the finish reason, or None."""
+    fired = [_reason(c) for c in criteria if bool(c(ids, scores).all())]
+    return min(fired, key=FINISH_REASONS.index) if fired else None
+
+
+#: One step of the loop: ``(token, scores [1, V], logits [1, V], finish reason or None)``. The
+#: tensors may be the program's own output memory, valid only until the loop resumes: keep a clone.
+Step = tuple[int, torch.Tensor, torch.Tensor, "str | None"]
+
+
 class Generator:
-    """Runs ``generate()`` for one program.
+    """Runs generation for one program: the decode loop that ``generate()``, streamers,
+    ``stream_generate()`` and chat sessions all consume.
 
     Args:
         program: the loaded :class:`~et_transformers.runtime.Program`.
@@ -133,6 +163,16 @@ class Generator:
             **kwargs,
         )
 
+    def check_cached_prefix(self, plan_: GenerationPlan, cached_prefix: int) -> None:
+        """Raise ``ValueError`` unless ``cached_prefix`` leaves a single unpadded prompt to prefill."""
+        if cached_prefix and (plan_.input_ids.shape[0] > 1 or not bool(plan_.attention_mask.all())):
+            raise ValueError("cached_prefix needs a single prompt without padding.")
+        if not 0 <= cached_prefix < plan_.input_ids.shape[-1]:
+            raise ValueError(
+                f"cached_prefix={cached_prefix} must leave at least one of the prompt's "
+                f"{plan_.input_ids.shape[-1]} tokens to prefill."
+            )
+
     def generate(
         self, default_generation_config, input_ids, streamer=None, *, cached_prefix: int = 0, **kwargs: Any
     ) -> tuple[torch.LongTensor, GenerationStats]:
@@ -150,43 +190,51 @@ class Generator:
         batch = plan_.input_ids.shape[0]
         if streamer is not None and batch > 1:
             raise ValueError(f"streaming supports one prompt at a time; got a batch of {batch}.")
-        if cached_prefix and (batch > 1 or not bool(plan_.attention_mask.all())):
-            raise ValueError("cached_prefix needs a single prompt without padding.")
-        if not 0 <= cached_prefix < plan_.input_ids.shape[-1]:
-            raise ValueError(
-                f"cached_prefix={cached_prefix} must leave at least one of the prompt's "
-                f"{plan_.input_ids.shape[-1]} tokens to prefill."
-            )
+        self.check_cached_prefix(plan_, cached_prefix)
         stats = GenerationStats()
         if streamer is not None:
             streamer.put(plan_.input_ids.cpu())
-        rows = [self._generate_row(plan_, b, streamer, stats, t_start, cached_prefix) for b in range(batch)]
+        rows = []
+        for b in range(batch):
+            tokens = []
+            for token, _, _, _ in self.steps(plan_, b, stats, t_start, cached_prefix):
+                tokens.append(token)
+                if streamer is not None:
+                    streamer.put(torch.tensor([token]))
+            rows.append(tokens)
         if streamer is not None:
             streamer.end()
 
-        out = torch.full((batch, max(r.shape[-1] for r in rows)), plan_.pad_token_id, dtype=torch.long)
-        for b, row in enumerate(rows):
-            out[b, : row.shape[-1]] = row[0]
-        stats.total_time = time.perf_counter() - t_start
-        stats.prefill_tokens_per_s = stats.prompt_tokens / stats.prefill_time if stats.prefill_time else None
-        decoded = stats.generated_tokens - batch
-        stats.decode_tokens_per_s = decoded / stats.decode_time if stats.decode_time and decoded > 0 else None
-        stats.peak_rss_bytes = peak_rss_bytes()
-        return out, stats
+        prompt_len = plan_.input_ids.shape[-1]
+        out = torch.full((batch, prompt_len + max(map(len, rows))), plan_.pad_token_id, dtype=torch.long)
+        out[:, :prompt_len] = plan_.input_ids
+        for b, tokens in enumerate(rows):
+            out[b, prompt_len : prompt_len + len(tokens)] = torch.tensor(tokens, dtype=torch.long)
+        return out, finish_stats(stats, t_start, batch)
 
-    def _generate_row(
-        self, plan_: GenerationPlan, b: int, streamer, stats, t_start, cached_prefix: int = 0
-    ) -> torch.Tensor:
+    def steps(
+        self, plan_: GenerationPlan, b: int, stats: GenerationStats, t_start: float, cached_prefix: int = 0
+    ) -> Iterator[Step]:
+        """The decode loop for row ``b`` of ``plan_``: prefill, then one :data:`Step` per new token.
+
+        The last step carries the finish reason. ``stats`` is updated as the loop runs (its
+        ``decode_time`` when the loop ends or is closed).
+
+        Raises:
+            RuntimeError: something else ran the program while the loop was paused between steps
+                (its KV cache then holds other tokens).
+        """
         gc, criteria = plan_.generation_config, plan_.stopping_criteria
         processors = plan_.logits_processors[b]
         simple_stop = _simple_stop(criteria)  # (max_length, eos ids) when the criteria are just those
         # Only transformers' own processors and criteria see the logits: none keeps them past the
         # step, so the decode loop may read them in place (see Program.decode's ``copy``).
         copy_logits = simple_stop is None or not all(_is_transformers_own(p) for p in processors)
+        program = self.program
         prompt = plan_.input_ids[b : b + 1]  # [1, L], left padding included (what transformers' row holds)
         tokens = prompt[0][plan_.attention_mask[b].bool()].unsqueeze(0)  # [1, n]
-        context = self.program.metadata.max_context_len
-        rebuild_at = self.program.metadata.cache_rebuild_len
+        context = program.metadata.max_context_len
+        rebuild_at = program.metadata.cache_rebuild_len
         # The row's ids live in one buffer; processors and criteria see a view of its filled part.
         ids_buffer = torch.empty(1, max(gc.max_length, prompt.shape[-1]) + 1, dtype=torch.long)
         ids_buffer[:, : prompt.shape[-1]] = prompt
@@ -199,43 +247,47 @@ class Generator:
         stats.prompt_tokens += tokens.shape[-1] - cached_prefix
         pos = tokens.shape[-1]
         t_first = None
-        while True:
-            ids = ids_buffer[:, :length]
-            scores = processors(ids, logits) if processors else logits
-            if gc.do_sample:
-                token = int(torch.multinomial(torch.softmax(scores, dim=-1), num_samples=1))
-            else:
-                token = int(np.argmax(scores.float().numpy()))  # single-threaded: cheaper than torch's here
-            ids_buffer[0, length] = token
-            length += 1
-            stats.generated_tokens += 1
-            if t_first is None:
-                t_first = time.perf_counter()
-                if stats.time_to_first_token is None:
-                    stats.time_to_first_token = t_first - t_start
-            if streamer is not None:
-                streamer.put(torch.tensor([token]))
-            if simple_stop is not None:
-                if length >= simple_stop[0] or token in simple_stop[1]:
-                    break
-            elif bool(criteria(ids_buffer[:, :length], scores).all()):
-                break
-            if pos >= context:
-                warnings.warn(
-                    f"generation stopped at the end of the program's context ({context} tokens).",
-                    UserWarning,
-                    stacklevel=4,
-                )
-                break
-            if pos == rebuild_at:
-                # This call takes the sequence past the program's cache_rebuild_len: like
-                # transformers' generate(), run the whole sequence again (see runtime.ProgramMetadata).
-                logits = self.prefill(torch.cat([tokens, ids_buffer[:, prompt.shape[-1] : length]], dim=1))
-            else:
-                logits = self.program.decode(token, pos, copy=copy_logits)
-            pos += 1
-        stats.decode_time += time.perf_counter() - t_first
-        return ids_buffer[:, :length]
+        try:
+            while True:
+                ids = ids_buffer[:, :length]
+                scores = processors(ids, logits) if processors else logits
+                if gc.do_sample:
+                    token = int(torch.multinomial(torch.softmax(scores, dim=-1), num_samples=1))
+                else:
+                    token = int(np.argmax(scores.float().numpy()))  # single-threaded: cheaper than torch's here
+                ids_buffer[0, length] = token
+                length += 1
+                stats.generated_tokens += 1
+                if t_first is None:
+                    t_first = time.perf_counter()
+                    if stats.time_to_first_token is None:
+                        stats.time_to_first_token = t_first - t_start
+                if simple_stop is not None:
+                    finish = "eos" if token in simple_stop[1] else "length" if length >= simple_stop[0] else None
+                else:
+                    finish = _check_criteria(criteria, ids_buffer[:, :length], scores)
+                if (finish is None and pos >= context) or (finish == "length" and pos + 1 >= context):
+                    finish = "context"  # the sequence fills the program's context (max_length was cut to it)
+                executions = program.executions
+                yield token, scores, logits, finish
+                if finish is not None:
+                    return
+                if program.executions != executions:
+                    raise RuntimeError(
+                        "the program ran other work while this generation was paused between tokens, "
+                        "so its KV cache no longer holds this sequence. Finish or close a stream before "
+                        "running the model again from the same thread."
+                    )
+                if pos == rebuild_at:
+                    # This call takes the sequence past the program's cache_rebuild_len: like
+                    # transformers' generate(), run the whole sequence again (see runtime.ProgramMetadata).
+                    logits = self.prefill(torch.cat([tokens, ids_buffer[:, prompt.shape[-1] : length]], dim=1))
+                else:
+                    logits = program.decode(token, pos, copy=copy_logits)
+                pos += 1
+        finally:
+            if t_first is not None:
+                stats.decode_time += time.perf_counter() - t_first
 
     def prefill(self, tokens: torch.Tensor, start_pos: int = 0) -> torch.Tensor:
         """Run ``tokens`` (``[1, n]``) through the program from ``start_pos``; return last logits."""
@@ -244,3 +296,13 @@ class Generator:
         for s in range(0, tokens.shape[-1], step):
             logits = self.program.forward(tokens[:, s : s + step], start_pos + s)
         return logits
+
+
+def finish_stats(stats: GenerationStats, t_start: float, rows: int) -> GenerationStats:
+    """Fill the derived figures of ``stats`` (rates, total time, peak RSS) for ``rows`` rows; return it."""
+    stats.total_time = time.perf_counter() - t_start
+    stats.prefill_tokens_per_s = stats.prompt_tokens / stats.prefill_time if stats.prefill_time else None
+    decoded = stats.generated_tokens - rows
+    stats.decode_tokens_per_s = decoded / stats.decode_time if stats.decode_time and decoded > 0 else None
+    stats.peak_rss_bytes = peak_rss_bytes()
+    return stats

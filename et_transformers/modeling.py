@@ -15,6 +15,7 @@ import logging
 import os
 import time
 from pathlib import Path
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -29,6 +30,7 @@ from .manifest import PTE_NAME, Manifest
 from .model_card import CardData
 from .planning import drop_refused_fields
 from .runtime import Program
+from .streaming import GenerationResponse, stream
 
 logger = logging.getLogger(__name__)
 
@@ -556,7 +558,6 @@ class ETModelForCausalLM:
                 length beyond the context, out-of-range sampling values, unknown keywords),
                 raised before the program runs.
         """
-        load, export = self.stats.load_time, self.stats.export_time
         tokenizer = kwargs.pop("tokenizer", None)
         out, stats = self._generator.generate(
             self.generation_config,
@@ -569,7 +570,64 @@ class ETModelForCausalLM:
             tokenizer=tokenizer,
             **kwargs,
         )
-        stats.load_time, stats.export_time = load, export
-        self.stats = stats
+        self._keep_stats(stats)
         return out
+
+    def _keep_stats(self, stats: GenerationStats) -> None:
+        """Make ``stats`` the model's, keeping the load figures."""
+        stats.load_time, stats.export_time = self.stats.load_time, self.stats.export_time
+        self.stats = stats
+
+    def stream_generate(
+        self,
+        input_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        generation_config=None,
+        logits_processor=None,
+        stopping_criteria=None,
+        *,
+        logprobs: bool = True,
+        top_logprobs: int = 0,
+        **kwargs: Any,
+    ) -> Iterator[GenerationResponse]:
+        """Generate from one prompt, yielding a record per new token as it is produced.
+
+        The tokens are exactly ``generate()``'s (the same loop runs; seeded sampling draws the
+        same numbers). Pull-based: the program runs only while you iterate.
+
+        Example::
+
+            for r in model.stream_generate(ids, max_new_tokens=64, top_logprobs=3):
+                print(r.text, end="", flush=True)
+            print(r.finish_reason, model.stats.summary())
+
+        Args:
+            input_ids: one prompt, LongTensor ``[1, seq]`` (or ``[seq]``).
+            attention_mask, generation_config, logits_processor, stopping_criteria, **kwargs: as
+                :meth:`generate` takes them (``tokenizer=`` also decodes the text).
+            logprobs: fill each record's ``logprob`` (log-softmax of the processed scores at the
+                chosen token); ``False`` skips that per-token work.
+            top_logprobs: also fill ``top_logprobs`` with this many ``(token id, logprob)`` pairs.
+
+        Returns:
+            An iterator of :class:`~et_transformers.streaming.GenerationResponse`; the last one
+            carries ``finish_reason``. When it ends, :attr:`stats` describes the stream.
+
+        Raises:
+            ValueError: as :meth:`generate`, a batch of more than one prompt, or a bad
+                ``top_logprobs``; raised by this call, before the first record.
+        """
+        return stream(
+            self._generator,
+            self.generation_config,
+            input_ids,
+            logprobs=logprobs,
+            top_logprobs=top_logprobs,
+            on_finish=lambda stats, _: self._keep_stats(stats),
+            attention_mask=attention_mask,
+            generation_config=generation_config,
+            logits_processor=logits_processor,
+            stopping_criteria=stopping_criteria,
+            **kwargs,
+        )
 

@@ -93,6 +93,9 @@ REFUSAL_REASONS: dict[str, str] = {
     "prefill_chunk_size": "prefill runs in chunks of the program's max_seq_len",
 }
 
+#: Values that switch a feature off besides the defaults (transformers treats them so).
+_ALSO_OFF: dict[str, tuple[Any, ...]] = {"guidance_scale": (1, 1.0)}
+
 _HONOURED = frozenset(SUPPORTED_FIELDS + BOOKKEEPING_FIELDS)
 
 
@@ -107,7 +110,10 @@ def refused_fields(gc: GenerationConfig) -> dict[str, Any]:
     effective = blank._get_default_generation_params()
     refused = {}
     for name, value in gc.to_dict().items():
-        if name in _HONOURED or value == getattr(blank, name, None):
+        default = getattr(blank, name, None)
+        if name in _HONOURED or value == default or (value is False and default is None):
+            continue  # False is what a model config's "off" flags (output_attentions...) hold
+        if value in _ALSO_OFF.get(name, ()):
             continue
         if name in effective and value == effective[name]:
             continue

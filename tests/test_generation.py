@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 import threading
 
 import pytest
@@ -18,22 +17,12 @@ from transformers import (
 
 import tiny
 
-PROMPTS = ["Paris is the capital", "Once upon a time there was a little robot who", "one"]
-
-
-@pytest.fixture()
-def et(tiny_llama_et):
-    """The shared ET model with its generation config restored after each test."""
-    saved = copy.deepcopy(tiny_llama_et.generation_config)
-    yield tiny_llama_et
-    tiny_llama_et.generation_config = saved
-
 
 @pytest.fixture(scope="module")
 def batch():
     tok = tiny.make_tokenizer()
     tok.padding_side = "left"
-    return tok, tok(PROMPTS, return_tensors="pt", padding=True)
+    return tok, tok(tiny.PROMPTS, return_tensors="pt", padding=True)
 
 
 def eager_generate(model, **kwargs):
