@@ -133,15 +133,16 @@ class ChatSession:
             ValueError: invalid generation options.
         """
         messages, ids, options = self._prepare_turn(text, generation_kwargs)
-        cached = self._reusable_prefix(ids)
-        out, stats = self.model._generator.generate(
-            self.model.generation_config,
-            torch.tensor([ids], dtype=torch.long),
-            streamer=streamer,
-            cached_prefix=cached,
-            **options,
-        )
-        return self._finish_turn(messages, ids, out[0, len(ids):].tolist(), cached, stats)
+        with self.model.program.lock:  # the cache check, the turn and its bookkeeping, as one
+            cached = self._reusable_prefix(ids)
+            out, stats = self.model._generator.generate(
+                self.model.generation_config,
+                torch.tensor([ids], dtype=torch.long),
+                streamer=streamer,
+                cached_prefix=cached,
+                **options,
+            )
+            return self._finish_turn(messages, ids, out[0, len(ids):].tolist(), cached, stats)
 
     def stream(self, text: str, **generation_kwargs: Any) -> Iterator[GenerationResponse]:
         """Like :meth:`send`, but yield the reply token by token as it is produced.
@@ -166,23 +167,24 @@ class ChatSession:
         return self._stream_turn(messages, ids, options)
 
     def _stream_turn(self, messages, ids, options) -> Iterator[GenerationResponse]:
-        cached = self._reusable_prefix(ids)
-        finished = []
-        records = stream(
-            self.model._generator,
-            self.model.generation_config,
-            torch.tensor([ids], dtype=torch.long),
-            cached_prefix=cached,
-            on_finish=lambda stats, new: finished.append((stats, new)),
-            **options,
-        )
-        try:
-            yield from records
-        finally:
-            records.close()
-            if finished:
-                stats, new = finished[0]
-                self._finish_turn(messages, ids, new, cached, stats)
+        with self.model.program.lock:  # held for the whole turn, as in send()
+            cached = self._reusable_prefix(ids)
+            finished = []
+            records = stream(
+                self.model._generator,
+                self.model.generation_config,
+                torch.tensor([ids], dtype=torch.long),
+                cached_prefix=cached,
+                on_finish=lambda stats, new: finished.append((stats, new)),
+                **options,
+            )
+            try:
+                yield from records
+            finally:
+                records.close()
+                if finished:
+                    stats, new = finished[0]
+                    self._finish_turn(messages, ids, new, cached, stats)
 
     def _prepare_turn(self, text: str, generation_kwargs: dict[str, Any]):
         """``(messages with the new one, their token ids, this turn's generate() options)``."""

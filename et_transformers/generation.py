@@ -184,7 +184,14 @@ class Generator:
                 left them (a chat session's history). Only the rest is prefilled; everything else
                 (processors, criteria, the returned ids) sees the whole of ``input_ids``, so the
                 result is the one a full prefill gives. The caller vouches for the cache contents.
+
+        The call holds the program's lock (:class:`~et_transformers.runtime.ProgramLock`): calls
+        from several threads run one after another.
         """
+        with self.program.lock:  # the KV cache holds one sequence: one call at a time
+            return self._generate(default_generation_config, input_ids, streamer, cached_prefix, **kwargs)
+
+    def _generate(self, default_generation_config, input_ids, streamer, cached_prefix: int, **kwargs: Any):
         t_start = time.perf_counter()
         plan_ = self.prepare(default_generation_config, input_ids, **kwargs)
         batch = plan_.input_ids.shape[0]

@@ -88,6 +88,11 @@ class ETModelForCausalLM:
     Build one with :meth:`from_pretrained` (Hub id, local folder, GGUF file, or a folder/repo of
     an exported model) or :meth:`from_pte`.
 
+    A model object owns its program's KV cache, which holds one sequence at a time, so calls on one
+    object from several threads (``generate``, ``stream_generate``, ``forward``, chat turns) run one
+    after another, each holding the program's lock for the whole call. To generate N sequences in
+    parallel, load N objects (each loads the ``.pte`` again, with a KV cache of its own).
+
     Attributes:
         config: the transformers config of the source model (``None`` for a bare ``.pte``).
         generation_config: default ``GenerationConfig`` for :meth:`generate`.
@@ -456,7 +461,8 @@ class ETModelForCausalLM:
         The token lands in cache position 0, which the next generation overwrites: positions are
         only ever read after being written in the same sequence.
         """
-        self.program.forward(torch.zeros(1, 1, dtype=torch.long), 0)
+        with self.program.lock:
+            self.program.forward(torch.zeros(1, 1, dtype=torch.long), 0)
 
     # -- properties ----------------------------------------------------------------------
 
@@ -505,20 +511,25 @@ class ETModelForCausalLM:
         ids = check_input_ids(input_ids, meta.vocab_size)
         mask = attention_mask_for(ids, attention_mask, None, None)
         logits = torch.zeros(*ids.shape, meta.vocab_size)
-        for b in range(ids.shape[0]):
-            tokens = ids[b][mask[b].bool()].unsqueeze(0)  # [1, n]
-            n = tokens.shape[-1]
-            if n > meta.max_context_len:
-                raise ValueError(
-                    f"row {b} has {n} tokens but the program's context holds {meta.max_context_len}; "
-                    f"evaluate in windows of at most {meta.max_context_len} tokens."
-                )
-            chunks = [
-                self.program.forward_all(tokens[:, s : s + meta.max_seq_len], s)
-                for s in range(0, n, meta.max_seq_len)
-            ]
-            logits[b, ids.shape[1] - n :] = torch.cat(chunks, dim=1)[0]
+        with self.program.lock:
+            for b in range(ids.shape[0]):
+                tokens = ids[b][mask[b].bool()].unsqueeze(0)  # [1, n]
+                logits[b, ids.shape[1] - tokens.shape[-1] :] = self._all_logits(tokens, b)
         return CausalLMOutput(logits=logits)
+
+    def _all_logits(self, tokens: torch.Tensor, b: int) -> torch.Tensor:
+        """Every position's logits ``[n, V]`` of one unpadded row ``[1, n]``, from position 0."""
+        meta = self.program.metadata
+        n = tokens.shape[-1]
+        if n > meta.max_context_len:
+            raise ValueError(
+                f"row {b} has {n} tokens but the program's context holds {meta.max_context_len}; "
+                f"evaluate in windows of at most {meta.max_context_len} tokens."
+            )
+        chunks = [
+            self.program.forward_all(tokens[:, s : s + meta.max_seq_len], s) for s in range(0, n, meta.max_seq_len)
+        ]
+        return torch.cat(chunks, dim=1)[0]
 
     __call__ = forward
 
@@ -593,7 +604,11 @@ class ETModelForCausalLM:
         """Generate from one prompt, yielding a record per new token as it is produced.
 
         The tokens are exactly ``generate()``'s (the same loop runs; seeded sampling draws the
-        same numbers). Pull-based: the program runs only while you iterate.
+        same numbers). Pull-based: the program runs only while you iterate. From its first record
+        until it ends, the stream holds the model (other threads' calls wait): an unfinished stream
+        keeps holding it until it is closed (``close()``, or leaving a ``with
+        contextlib.closing(...)`` block) or garbage collected. Running the model from the same
+        thread while a stream is paused makes the stream's next step raise ``RuntimeError``.
 
         Example::
 

@@ -106,7 +106,13 @@ class _TimedProgram:
     def __init__(self, program: Program):
         self._program = program
         self.metadata = program.metadata
+        self.lock = program.lock
         self.calls: list[tuple[str, float]] = []  # (phase, seconds), in order
+
+    @property
+    def executions(self) -> int:
+        """The wrapped program's execution count (the generation loop checks it between steps)."""
+        return self._program.executions
 
     def forward(self, input_ids: torch.Tensor, start_pos: int) -> torch.Tensor:
         t = time.perf_counter()

@@ -162,37 +162,38 @@ def _records(generator, plan_, t_start, cached_prefix, logprobs, top_k, tokenize
     stats = GenerationStats()
     text = TextDeltas(tokenizer, stop) if tokenizer is not None else None
     new: list[int] = []
-    steps = generator.steps(plan_, 0, stats, t_start, cached_prefix)
-    try:
-        t_first = None
-        for token, scores, _, finish in steps:
-            new.append(token)
-            t_first = t_first or time.perf_counter()
-            logprob, top = None, None
-            if top_k:
-                all_logprobs = torch.log_softmax(scores[0].float(), dim=-1)  # [V]
-                logprob = float(all_logprobs[token])
-                values, ids = torch.topk(all_logprobs, min(top_k, all_logprobs.shape[0]))
-                top = list(zip(ids.tolist(), values.tolist()))
-            elif logprobs:
-                row = scores[0].float()
-                logprob = float(row[token] - torch.logsumexp(row, dim=0))
-            delta = None
-            if text is not None:
-                delta = text.add(token) + (text.finish(finish == "stop_string") if finish else "")
-            elapsed = time.perf_counter() - t_first
-            yield GenerationResponse(
-                token=token,
-                text=delta,
-                logprob=logprob,
-                top_logprobs=top,
-                prompt_tokens=stats.prompt_tokens,
-                prompt_tokens_per_s=stats.prompt_tokens / stats.prefill_time if stats.prefill_time else None,
-                generation_tokens=len(new),
-                generation_tokens_per_s=(len(new) - 1) / elapsed if len(new) > 1 and elapsed > 0 else None,
-                finish_reason=finish,
-            )
-    finally:
-        steps.close()  # adds its decode time to the stats
-        if on_finish is not None:
-            on_finish(finish_stats(stats, t_start, 1), new)
+    with generator.program.lock:  # held until the stream ends, is closed or is garbage collected
+        steps = generator.steps(plan_, 0, stats, t_start, cached_prefix)
+        try:
+            t_first = None
+            for token, scores, _, finish in steps:
+                new.append(token)
+                t_first = t_first or time.perf_counter()
+                logprob, top = None, None
+                if top_k:
+                    all_logprobs = torch.log_softmax(scores[0].float(), dim=-1)  # [V]
+                    logprob = float(all_logprobs[token])
+                    values, ids = torch.topk(all_logprobs, min(top_k, all_logprobs.shape[0]))
+                    top = list(zip(ids.tolist(), values.tolist()))
+                elif logprobs:
+                    row = scores[0].float()
+                    logprob = float(row[token] - torch.logsumexp(row, dim=0))
+                delta = None
+                if text is not None:
+                    delta = text.add(token) + (text.finish(finish == "stop_string") if finish else "")
+                elapsed = time.perf_counter() - t_first
+                yield GenerationResponse(
+                    token=token,
+                    text=delta,
+                    logprob=logprob,
+                    top_logprobs=top,
+                    prompt_tokens=stats.prompt_tokens,
+                    prompt_tokens_per_s=stats.prompt_tokens / stats.prefill_time if stats.prefill_time else None,
+                    generation_tokens=len(new),
+                    generation_tokens_per_s=(len(new) - 1) / elapsed if len(new) > 1 and elapsed > 0 else None,
+                    finish_reason=finish,
+                )
+        finally:
+            steps.close()  # adds its decode time to the stats
+            if on_finish is not None:
+                on_finish(finish_stats(stats, t_start, 1), new)
