@@ -142,7 +142,8 @@ class ChatSession:
                 cached_prefix=cached,
                 **options,
             )
-            return self._finish_turn(messages, ids, out[0, len(ids):].tolist(), cached, stats)
+            sequences = out if isinstance(out, torch.Tensor) else out.sequences  # return_dict_in_generate
+            return self._finish_turn(messages, ids, sequences[0, len(ids):].tolist(), cached, stats)
 
     def stream(self, text: str, **generation_kwargs: Any) -> Iterator[GenerationResponse]:
         """Like :meth:`send`, but yield the reply token by token as it is produced.

@@ -198,26 +198,62 @@ class Generator:
         if streamer is not None and batch > 1:
             raise ValueError(f"streaming supports one prompt at a time; got a batch of {batch}.")
         self.check_cached_prefix(plan_, cached_prefix)
+        gc = plan_.generation_config
+        keep_scores = bool(gc.return_dict_in_generate and gc.output_scores)
+        keep_logits = bool(gc.return_dict_in_generate and gc.output_logits)
         stats = GenerationStats()
         if streamer is not None:
             streamer.put(plan_.input_ids.cpu())
-        rows = []
+        rows, scores, logits = [], [], []  # per row: new tokens; [1, V] per step when kept
         for b in range(batch):
-            tokens = []
-            for token, _, _, _ in self.steps(plan_, b, stats, t_start, cached_prefix):
+            tokens, row_scores, row_logits = [], [], []
+            for token, step_scores, step_logits, _ in self.steps(plan_, b, stats, t_start, cached_prefix):
                 tokens.append(token)
+                if keep_scores:
+                    row_scores.append(step_scores.clone())  # the loop may reuse the program's memory
+                if keep_logits:
+                    row_logits.append(step_logits.clone())
                 if streamer is not None:
                     streamer.put(torch.tensor([token]))
             rows.append(tokens)
+            scores.append(row_scores)
+            logits.append(row_logits)
         if streamer is not None:
             streamer.end()
 
         prompt_len = plan_.input_ids.shape[-1]
-        out = torch.full((batch, prompt_len + max(map(len, rows))), plan_.pad_token_id, dtype=torch.long)
+        steps = max(map(len, rows))
+        out = torch.full((batch, prompt_len + steps), plan_.pad_token_id, dtype=torch.long)
         out[:, :prompt_len] = plan_.input_ids
         for b, tokens in enumerate(rows):
             out[b, prompt_len : prompt_len + len(tokens)] = torch.tensor(tokens, dtype=torch.long)
-        return out, finish_stats(stats, t_start, batch)
+        stats = finish_stats(stats, t_start, batch)
+        if not gc.return_dict_in_generate:
+            return out, stats
+        for b, tokens in enumerate(rows):
+            if (keep_scores or keep_logits) and len(tokens) < steps:
+                self._after_stop(plan_, b, out[b : b + 1], len(tokens), scores[b], logits[b])
+        return _decoder_only_output(out, scores if keep_scores else None, logits if keep_logits else None), stats
+
+    def _after_stop(self, plan_: GenerationPlan, b: int, row: torch.Tensor, new: int, scores, logits) -> None:
+        """Append to ``scores``/``logits`` the steps row ``b`` takes after it stopped at ``new`` tokens.
+
+        transformers keeps running a stopped row with ``pad_token_id`` fed back (attended to) until
+        the whole batch stops, and returns those steps' scores and logits too; this runs the row's
+        sequence again and does the same, outside the generation's stats.
+        """
+        prompt_len = plan_.input_ids.shape[-1]
+        processors = plan_.logits_processors[b]
+        seq = row[:, prompt_len - int(plan_.attention_mask[b].sum()) :]  # [1, n + steps], unpadded
+        pos = seq.shape[-1] - (row.shape[-1] - prompt_len - new)  # where the first pad goes
+        step_logits = self.prefill(seq[:, :pos])
+        for length in range(prompt_len + new, row.shape[-1]):
+            step_scores = processors(row[:, :length], step_logits) if processors else step_logits
+            scores.append(step_scores.clone())
+            logits.append(step_logits.clone())
+            if length + 1 < row.shape[-1]:
+                step_logits = self.program.decode(plan_.pad_token_id, pos)
+                pos += 1
 
     def steps(
         self, plan_: GenerationPlan, b: int, stats: GenerationStats, t_start: float, cached_prefix: int = 0
@@ -303,6 +339,16 @@ class Generator:
         for s in range(0, tokens.shape[-1], step):
             logits = self.program.forward(tokens[:, s : s + step], start_pos + s)
         return logits
+
+
+def _decoder_only_output(sequences, scores, logits):
+    """transformers' ``GenerateDecoderOnlyOutput``; ``scores``/``logits``: per row, ``[1, V]`` per step."""
+    from transformers.generation.utils import GenerateDecoderOnlyOutput  # imports GenerationMixin: only here
+
+    def per_step(rows):
+        return None if rows is None else tuple(torch.cat(step, dim=0) for step in zip(*rows))  # [B, V] each
+
+    return GenerateDecoderOnlyOutput(sequences=sequences, scores=per_step(scores), logits=per_step(logits))
 
 
 def finish_stats(stats: GenerationStats, t_start: float, rows: int) -> GenerationStats:

@@ -557,12 +557,18 @@ class ETModelForCausalLM:
             stopping_criteria: extra transformers ``StoppingCriteria``.
             **kwargs: ``GenerationConfig`` fields (``max_new_tokens``, ``do_sample``,
                 ``temperature``, ``top_k``, ``top_p``, ``min_p``, ``repetition_penalty``,
-                ``eos_token_id``, ``stop_strings``, ``max_time``...) and ``tokenizer`` (for
-                ``stop_strings``). Unknown or unsupported keywords raise ``ValueError``.
+                ``eos_token_id``, ``stop_strings``, ``max_time``, ``return_dict_in_generate``,
+                ``output_scores``, ``output_logits``...) and ``tokenizer`` (for ``stop_strings``).
+                Unknown or unsupported keywords raise ``ValueError``.
 
         Returns:
             LongTensor ``[batch, seq + new]``: prompts followed by new tokens, padded with
-            ``pad_token_id`` after a row stopped.
+            ``pad_token_id`` after a row stopped. With ``return_dict_in_generate=True``,
+            transformers' ``GenerateDecoderOnlyOutput``: ``sequences`` (that tensor), and with
+            ``output_scores=True`` / ``output_logits=True`` ``scores`` / ``logits``: one
+            ``[batch, vocab]`` float32 tensor per step, the processed scores / raw logits, filled
+            as transformers fills them (a row that stopped gets the steps it takes with
+            ``pad_token_id`` fed back until the batch stops).
 
         Raises:
             ValueError: bad input (empty prompt, ids outside the vocabulary, prompt or requested

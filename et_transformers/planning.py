@@ -59,6 +59,9 @@ SUPPORTED_FIELDS = (
     "max_time",
 )
 
+#: What ``generate(return_dict_in_generate=True, ...)`` fills, as transformers does.
+OUTPUT_FIELDS = ("return_dict_in_generate", "output_scores", "output_logits")
+
 #: Fields transformers writes itself, or that cannot change what a decoder-only generate() returns.
 BOOKKEEPING_FIELDS = ("_from_model_config", "transformers_version", "compile_config", "disable_compile")
 
@@ -76,9 +79,6 @@ REFUSAL_REASONS: dict[str, str] = {
     "dola_layers": "DoLa decoding needs hidden states; the program returns logits only",
     "token_healing": "token healing is not supported",
     "guidance_scale": "classifier-free guidance needs a second forward per step",
-    "return_dict_in_generate": "generate returns the sequences tensor",
-    "output_scores": "generate returns the sequences tensor",
-    "output_logits": "generate returns the sequences tensor",
     "num_return_sequences": "generate one sequence per prompt (repeat the prompt for more)",
     "output_attentions": "the program returns logits only",
     "output_hidden_states": "the program returns logits only",
@@ -96,13 +96,14 @@ REFUSAL_REASONS: dict[str, str] = {
 #: Values that switch a feature off besides the defaults (transformers treats them so).
 _ALSO_OFF: dict[str, tuple[Any, ...]] = {"guidance_scale": (1, 1.0)}
 
-_HONOURED = frozenset(SUPPORTED_FIELDS + BOOKKEEPING_FIELDS)
+_HONOURED = frozenset(SUPPORTED_FIELDS + OUTPUT_FIELDS + BOOKKEEPING_FIELDS)
 
 
 def refused_fields(gc: GenerationConfig) -> dict[str, Any]:
     """The fields of ``gc`` set to something generate() does not honour, as ``{name: value}``.
 
-    An allow-list: a field is fine when generate() honours it (:data:`SUPPORTED_FIELDS`), is bookkeeping (:data:`BOOKKEEPING_FIELDS`), or holds its default
+    An allow-list: a field is fine when generate() honours it (:data:`SUPPORTED_FIELDS`,
+    :data:`OUTPUT_FIELDS`), is bookkeeping (:data:`BOOKKEEPING_FIELDS`), or holds its default
     (``GenerationConfig()``'s value, or the one transformers' generate() fills in for it).
     Everything else, including custom entries, is refused.
     """
@@ -195,7 +196,7 @@ def merge_config(default: GenerationConfig, generation_config: GenerationConfig 
     if asked:
         raise ValueError(
             f"generate() does not support {_refusal(asked)}. Remove {'it' if len(asked) == 1 else 'them'}; "
-            f"the supported GenerationConfig fields are {', '.join(SUPPORTED_FIELDS)}."
+            f"the supported GenerationConfig fields are {', '.join(SUPPORTED_FIELDS + OUTPUT_FIELDS)}."
         )
     drop_refused_fields(gc, "the model's generation config")
     return gc, user
