@@ -46,6 +46,10 @@ class GenerationStats:
         decode_tokens_per_s: tokens after each row's first, per second of decode.
         total_time: wall time of the call.
         peak_rss_bytes: peak resident memory of the process so far.
+        weight_bytes_per_token: bytes of weights one decode step reads, from the program's manifest
+            (``None`` without one).
+        decode_bandwidth_gb_s: achieved weight bandwidth of decoding,
+            ``weight_bytes_per_token * decode_tokens_per_s / 1e9`` (as gpt-fast reports it).
         extra: anything else a caller measured (e.g. per-phase profile times).
     """
 
@@ -60,6 +64,8 @@ class GenerationStats:
     decode_tokens_per_s: float | None = None
     total_time: float = 0.0
     peak_rss_bytes: int = 0
+    weight_bytes_per_token: int | None = None
+    decode_bandwidth_gb_s: float | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
     def as_dict(self) -> dict[str, Any]:
@@ -75,6 +81,8 @@ class GenerationStats:
             parts.append(f"prefill {self.prefill_tokens_per_s:.1f} tok/s")
         if self.decode_tokens_per_s:
             parts.append(f"decode {self.decode_tokens_per_s:.1f} tok/s")
+        if self.decode_bandwidth_gb_s:
+            parts.append(f"weights {self.decode_bandwidth_gb_s:.2f} GB/s")
         parts.append(f"peak RSS {self.peak_rss_bytes / 2**20:.0f} MiB")
         return ", ".join(parts)
 
@@ -142,12 +150,20 @@ class Generator:
         program: the loaded :class:`~et_transformers.runtime.Program`.
         max_position_embeddings: from the model config, if known (caps a default ``max_length``).
         tokenizer: the model's tokenizer (used for ``stop_strings`` when none is passed).
+        weight_bytes_per_token: bytes of weights a decode step reads, if known (for the stats).
     """
 
-    def __init__(self, program: Program, max_position_embeddings: int | None = None, tokenizer=None):
+    def __init__(
+        self,
+        program: Program,
+        max_position_embeddings: int | None = None,
+        tokenizer=None,
+        weight_bytes_per_token: int | None = None,
+    ):
         self.program = program
         self.max_position_embeddings = max_position_embeddings
         self.tokenizer = tokenizer
+        self.weight_bytes_per_token = weight_bytes_per_token
 
     def prepare(self, default_generation_config, input_ids, **kwargs: Any) -> GenerationPlan:
         """Validate a call and build its processors/criteria without running the program."""
@@ -227,7 +243,7 @@ class Generator:
         out[:, :prompt_len] = plan_.input_ids
         for b, tokens in enumerate(rows):
             out[b, prompt_len : prompt_len + len(tokens)] = torch.tensor(tokens, dtype=torch.long)
-        stats = finish_stats(stats, t_start, batch)
+        stats = self.finish_stats(stats, t_start, batch)
         if not gc.return_dict_in_generate:
             return out, stats
         for b, tokens in enumerate(rows):
@@ -332,6 +348,19 @@ class Generator:
             if t_first is not None:
                 stats.decode_time += time.perf_counter() - t_first
 
+    def finish_stats(self, stats: GenerationStats, t_start: float, rows: int) -> GenerationStats:
+        """Fill the derived figures of ``stats`` (rates, bandwidth, total time, peak RSS) for ``rows``
+        rows; return it."""
+        stats.total_time = time.perf_counter() - t_start
+        stats.prefill_tokens_per_s = stats.prompt_tokens / stats.prefill_time if stats.prefill_time else None
+        decoded = stats.generated_tokens - rows
+        stats.decode_tokens_per_s = decoded / stats.decode_time if stats.decode_time and decoded > 0 else None
+        stats.weight_bytes_per_token = self.weight_bytes_per_token
+        if self.weight_bytes_per_token is not None and stats.decode_tokens_per_s is not None:
+            stats.decode_bandwidth_gb_s = self.weight_bytes_per_token * stats.decode_tokens_per_s / 1e9
+        stats.peak_rss_bytes = peak_rss_bytes()
+        return stats
+
     def prefill(self, tokens: torch.Tensor, start_pos: int = 0) -> torch.Tensor:
         """Run ``tokens`` (``[1, n]``) through the program from ``start_pos``; return last logits."""
         step = self.program.metadata.max_seq_len
@@ -349,13 +378,3 @@ def _decoder_only_output(sequences, scores, logits):
         return None if rows is None else tuple(torch.cat(step, dim=0) for step in zip(*rows))  # [B, V] each
 
     return GenerateDecoderOnlyOutput(sequences=sequences, scores=per_step(scores), logits=per_step(logits))
-
-
-def finish_stats(stats: GenerationStats, t_start: float, rows: int) -> GenerationStats:
-    """Fill the derived figures of ``stats`` (rates, total time, peak RSS) for ``rows`` rows; return it."""
-    stats.total_time = time.perf_counter() - t_start
-    stats.prefill_tokens_per_s = stats.prompt_tokens / stats.prefill_time if stats.prefill_time else None
-    decoded = stats.generated_tokens - rows
-    stats.decode_tokens_per_s = decoded / stats.decode_time if stats.decode_time and decoded > 0 else None
-    stats.peak_rss_bytes = peak_rss_bytes()
-    return stats

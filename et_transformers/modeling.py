@@ -126,7 +126,8 @@ class ETModelForCausalLM:
         self.manifest = manifest
         self.stats = stats or GenerationStats()
         raw = config.to_dict() if config is not None else _read_config_dict(program.path.parent)
-        self._generator = Generator(program, raw.get("max_position_embeddings"), tokenizer)
+        weight_bytes = manifest.weight_bytes_per_token if manifest is not None else None
+        self._generator = Generator(program, raw.get("max_position_embeddings"), tokenizer, weight_bytes)
 
     @property
     def config(self):

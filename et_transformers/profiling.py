@@ -177,7 +177,8 @@ def profile_generation(
     program = Program(model.pte_path, enable_etdump=True)
     program.forward(torch.zeros(1, 1, dtype=torch.long), 0)  # warm-up: XNNPACK packs weights
     timed = _TimedProgram(program)
-    generator = Generator(timed, model._generator.max_position_embeddings, tokenizer)
+    generator = Generator(timed, model._generator.max_position_embeddings, tokenizer,
+                          model._generator.weight_bytes_per_token)
     out, stats = generator.generate(model.generation_config, ids, **generation_kwargs)
 
     t = time.perf_counter()

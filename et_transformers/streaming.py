@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from .generation import GenerationStats, Generator, finish_stats
+from .generation import GenerationStats, Generator
 
 
 @dataclass(frozen=True, slots=True)
@@ -196,4 +196,4 @@ def _records(generator, plan_, t_start, cached_prefix, logprobs, top_k, tokenize
         finally:
             steps.close()  # adds its decode time to the stats
             if on_finish is not None:
-                on_finish(finish_stats(stats, t_start, 1), new)
+                on_finish(generator.finish_stats(stats, t_start, 1), new)
