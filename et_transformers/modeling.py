@@ -14,8 +14,8 @@ from __future__ import annotations
 import logging
 import os
 import time
-from pathlib import Path
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -26,9 +26,9 @@ from .config import DEFAULT_RECIPE, ExportConfig, recipe_name
 from .config import recipe as make_recipe
 from .errors import InvalidConfigError, ModelNotFoundError, ProgramError
 from .generation import GenerationStats, Generator, peak_rss_bytes
+from .generation_fields import drop_refused_fields
 from .manifest import PTE_NAME, Manifest
 from .model_card import CardData
-from .planning import drop_refused_fields
 from .runtime import Program
 from .streaming import GenerationResponse, stream
 

@@ -12,7 +12,7 @@ import torch
 from transformers import GenerationConfig
 
 from et_transformers import ETModelForCausalLM
-from et_transformers.planning import refused_fields
+from et_transformers.generation_fields import refused_fields
 
 #: The settings transformers accepts that generate() used to ignore silently (issue 13).
 IGNORED_BEFORE = {
