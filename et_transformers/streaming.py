@@ -18,6 +18,7 @@ from typing import Any
 import torch
 
 from .generation import GenerationStats, Generator
+from .generation_fields import OUTPUT_FIELDS
 
 
 @dataclass(frozen=True, slots=True)
@@ -131,7 +132,8 @@ def stream(
         logprobs: compute each token's log-probability (one log-sum-exp over the vocabulary).
         top_logprobs: also report this many most likely tokens per step (0: none).
         on_finish: called with the final stats and the new token ids when the stream ends, is
-            closed or is garbage collected.
+            closed or is garbage collected. The stats' decode time is the wall time from the first
+            record to the last, including what the consumer does in between.
         **kwargs: as ``ETModelForCausalLM.generate`` takes them (no streamer).
 
     Returns:
@@ -139,13 +141,22 @@ def stream(
         is closed or is garbage collected.
 
     Raises:
-        ValueError: invalid options (as ``generate()``), a batch of more than one prompt, or a
-            negative ``top_logprobs``; raised by this call, before iterating.
+        ValueError: invalid options (as ``generate()``), a batch of more than one prompt, a
+            negative ``top_logprobs``, a ``streamer`` or ``return_dict_in_generate`` /
+            ``output_scores`` / ``output_logits``; raised by this call, before iterating.
     """
     if not isinstance(top_logprobs, int) or top_logprobs < 0:
         raise ValueError(f"top_logprobs={top_logprobs!r} must be a non-negative integer (0: none).")
+    if "streamer" in kwargs:
+        raise ValueError("stream_generate is itself the stream: iterate it, or pass streamer= to generate().")
     t_start = time.perf_counter()
     plan_ = generator.prepare(default_generation_config, input_ids, **kwargs)
+    asked = [name for name in OUTPUT_FIELDS if getattr(plan_.generation_config, name, None)]
+    if asked:
+        raise ValueError(
+            f"{', '.join(f'{name}=True' for name in asked)} apply to generate(); a stream's records carry "
+            f"each token's logprob (and top_logprobs=k) instead."
+        )
     batch = plan_.input_ids.shape[0]
     if batch != 1:
         raise ValueError(

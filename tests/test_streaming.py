@@ -209,3 +209,10 @@ def test_text_deltas_hold_back_a_possible_stop_string(byte_tok):
     deltas = TextDeltas(byte_tok, stop_strings=["END"])
     ids = byte_tok("one EN two").input_ids
     assert "".join(deltas.add(i) for i in ids) + deltas.finish(False) == "one EN two"
+
+
+@pytest.mark.parametrize("option", [dict(output_scores=True, return_dict_in_generate=True), dict(streamer=object())],
+                         ids=["output_scores", "streamer"])
+def test_generate_only_options_are_refused_by_a_stream(et, option):
+    with pytest.raises(ValueError, match="generate()"):
+        et.stream_generate(torch.tensor([[5, 9]]), max_new_tokens=3, **option)
