@@ -216,3 +216,15 @@ def test_text_deltas_hold_back_a_possible_stop_string(byte_tok):
 def test_generate_only_options_are_refused_by_a_stream(et, option):
     with pytest.raises(ValueError, match="generate()"):
         et.stream_generate(torch.tensor([[5, 9]]), max_new_tokens=3, **option)
+
+
+def test_generate_computes_no_logprobs(et, monkeypatch):
+    calls = []
+    for name in ("log_softmax", "logsumexp"):
+        original = getattr(torch, name)
+        monkeypatch.setattr(torch, name, lambda *a, _f=original, _n=name, **k: calls.append(_n) or _f(*a, **k))
+    et.generate(torch.tensor([[5, 9]]), max_new_tokens=6, eos_token_id=None)
+    list(et.stream_generate(torch.tensor([[5, 9]]), max_new_tokens=6, logprobs=False))
+    assert calls == []
+    list(et.stream_generate(torch.tensor([[5, 9]]), max_new_tokens=6, eos_token_id=None))
+    assert calls == ["logsumexp"] * 6  # the check can see them
