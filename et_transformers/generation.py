@@ -108,6 +108,13 @@ def _simple_stop(criteria) -> tuple[int, frozenset[int]] | None:
     return None if max_length is None else (max_length, eos)
 
 
+def _choose(scores: torch.Tensor, do_sample: bool) -> int:
+    """The next token from ``scores`` ``[1, V]``: sampled, or the argmax."""
+    if do_sample:
+        return int(torch.multinomial(torch.softmax(scores, dim=-1), num_samples=1))
+    return int(np.argmax(scores.float().numpy()))  # single-threaded: cheaper than torch's here
+
+
 def _is_transformers_own(obj) -> bool:
     """True for an instance of a class defined in transformers itself (not a user's subclass)."""
     return type(obj).__module__.startswith("transformers.")
@@ -244,31 +251,41 @@ class Generator:
         for b, tokens in enumerate(rows):
             out[b, prompt_len : prompt_len + len(tokens)] = torch.tensor(tokens, dtype=torch.long)
         stats = self.finish_stats(stats, t_start, batch)
+        # transformers' _sample pads a stopped row only when an EOS criterion is present; otherwise
+        # the row goes on choosing tokens until the batch stops.
+        pad_stopped = any(hasattr(c, "eos_token_id") for c in plan_.stopping_criteria)
+        for b, tokens in enumerate(rows):
+            if len(tokens) < steps and (keep_scores or keep_logits or not pad_stopped):
+                kept = (scores[b] if keep_scores else None), (logits[b] if keep_logits else None)
+                self._after_stop(plan_, b, out[b : b + 1], len(tokens), *kept, pad=pad_stopped)
         if not gc.return_dict_in_generate:
             return out, stats
-        for b, tokens in enumerate(rows):
-            if (keep_scores or keep_logits) and len(tokens) < steps:
-                self._after_stop(plan_, b, out[b : b + 1], len(tokens), scores[b], logits[b])
         return _decoder_only_output(out, scores if keep_scores else None, logits if keep_logits else None), stats
 
-    def _after_stop(self, plan_: GenerationPlan, b: int, row: torch.Tensor, new: int, scores, logits) -> None:
-        """Append to ``scores``/``logits`` the steps row ``b`` takes after it stopped at ``new`` tokens.
+    def _after_stop(self, plan_: GenerationPlan, b: int, row: torch.Tensor, new: int, scores, logits, *, pad: bool):
+        """Run row ``b`` on from its stop at ``new`` tokens to the batch's length, as transformers does.
 
-        transformers keeps running a stopped row with ``pad_token_id`` fed back (attended to) until
-        the whole batch stops, and returns those steps' scores and logits too; this runs the row's
-        sequence again and does the same, outside the generation's stats.
+        transformers keeps running a stopped row until the whole batch stops: with
+        ``pad_token_id`` fed back (and attended to) when ``pad``, else with the tokens the row goes
+        on choosing (written into ``row``). This runs the row's sequence again and does the same,
+        appending each step's scores and logits to ``scores``/``logits`` (unless None), outside
+        the generation's stats.
         """
         prompt_len = plan_.input_ids.shape[-1]
         processors = plan_.logits_processors[b]
         seq = row[:, prompt_len - int(plan_.attention_mask[b].sum()) :]  # [1, n + steps], unpadded
-        pos = seq.shape[-1] - (row.shape[-1] - prompt_len - new)  # where the first pad goes
+        pos = seq.shape[-1] - (row.shape[-1] - prompt_len - new)  # where the first token after the stop goes
         step_logits = self.prefill(seq[:, :pos])
         for length in range(prompt_len + new, row.shape[-1]):
             step_scores = processors(row[:, :length], step_logits) if processors else step_logits
-            scores.append(step_scores.clone())
-            logits.append(step_logits.clone())
+            if scores is not None:
+                scores.append(step_scores.clone())
+            if logits is not None:
+                logits.append(step_logits.clone())
+            token = plan_.pad_token_id if pad else _choose(step_scores, plan_.generation_config.do_sample)
+            row[0, length] = token
             if length + 1 < row.shape[-1]:
-                step_logits = self.program.decode(plan_.pad_token_id, pos)
+                step_logits = self.program.decode(token, pos)
                 pos += 1
 
     def steps(
@@ -284,7 +301,7 @@ class Generator:
                 (its KV cache then holds other tokens).
         """
         gc, criteria = plan_.generation_config, plan_.stopping_criteria
-        processors = plan_.logits_processors[b]
+        processors, do_sample = plan_.logits_processors[b], gc.do_sample
         simple_stop = _simple_stop(criteria)  # (max_length, eos ids) when the criteria are just those
         # Only transformers' own processors and criteria see the logits: none keeps them past the
         # step, so the decode loop may read them in place (see Program.decode's ``copy``).
@@ -310,10 +327,7 @@ class Generator:
             while True:
                 ids = ids_buffer[:, :length]
                 scores = processors(ids, logits) if processors else logits
-                if gc.do_sample:
-                    token = int(torch.multinomial(torch.softmax(scores, dim=-1), num_samples=1))
-                else:
-                    token = int(np.argmax(scores.float().numpy()))  # single-threaded: cheaper than torch's here
+                token = _choose(scores, do_sample)
                 ids_buffer[0, length] = token
                 length += 1
                 stats.generated_tokens += 1

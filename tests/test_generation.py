@@ -306,3 +306,27 @@ def test_batch_scores_of_stopped_rows_match_eager_transformers(et, tiny_llama_mo
 def test_return_dict_without_scores(et):
     out = et.generate(torch.tensor([[5, 9]]), max_new_tokens=3, return_dict_in_generate=True)
     assert out.sequences.shape == (1, 5) and out.scores is None and out.logits is None
+
+
+def test_without_an_eos_criterion_a_stopped_row_goes_on_as_in_transformers(et, tiny_llama_model, batch):
+    """transformers pads a stopped row only when an EOS criterion exists; else the row keeps choosing."""
+    _, enc = batch
+    free = eager_generate(tiny_llama_model, **enc, max_new_tokens=10, do_sample=False, eos_token_id=None)
+    stop_token = int(free[1, enc.input_ids.shape[1] + 2])
+
+    class StopAfter(StoppingCriteria):  # per row: done once the row has produced stop_token
+        def __call__(self, input_ids, scores, **kwargs):
+            return (input_ids[:, enc.input_ids.shape[1]:] == stop_token).any(dim=-1)
+
+    kwargs = dict(max_new_tokens=10, do_sample=False, eos_token_id=None, return_dict_in_generate=True,
+                  output_scores=True)
+    criteria = lambda: StoppingCriteriaList([StopAfter()])  # noqa: E731
+    expected = eager_generate(tiny_llama_model, **enc, stopping_criteria=criteria(), **kwargs)
+    got = et.generate(**enc, stopping_criteria=criteria(), **kwargs)
+    # Row 1 stopped at its third token, the batch went on, and transformers did not pad row 1.
+    assert expected.sequences.shape[1] > enc.input_ids.shape[1] + 3
+    assert torch.equal(expected.sequences, free[:, : expected.sequences.shape[1]])
+    assert torch.equal(got.sequences, expected.sequences)
+    assert_same_steps(got.scores, expected.scores)
+    plain = et.generate(**enc, stopping_criteria=criteria(), max_new_tokens=10, do_sample=False, eos_token_id=None)
+    assert torch.equal(plain, expected.sequences)
