@@ -347,9 +347,10 @@ class Generator:
                     return
                 if program.executions != executions:
                     raise RuntimeError(
-                        "the program ran other work while this generation was paused between tokens, "
-                        "so its KV cache no longer holds this sequence. Finish or close a stream before "
-                        "running the model again from the same thread."
+                        "the program ran other work between two tokens of this generation (a call from "
+                        "the same thread: the code consuming a paused stream, or a logits processor or "
+                        "stopping criterion running the model), so its KV cache no longer holds this "
+                        "sequence. Finish or close a stream before running the model again."
                     )
                 if pos == rebuild_at:
                     # This call takes the sequence past the program's cache_rebuild_len: like
