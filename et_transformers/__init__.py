@@ -1,7 +1,8 @@
 """et_transformers: run Hugging Face causal language models on ExecuTorch with the transformers API.
 
 Public surface: :class:`ETModelForCausalLM`, :class:`ExportConfig`, :func:`export_to_pte`,
-:class:`Exporter`, :class:`GenerationStats`, :class:`ChatSession`, the errors and
+:class:`Exporter`, :class:`GenerationStats`, :class:`GenerationResponse` (a streamed token),
+:class:`ChatSession`, the errors and
 :data:`SUPPORTED_MODEL_TYPES` (what exports, with :data:`MODEL_TYPE_ALIASES`).
 Heavy modules load lazily, so ``import et_transformers`` is cheap and loading an exported model
 never imports the export stack.
@@ -33,6 +34,7 @@ _LAZY = {
     "Exporter": "et_transformers.export",
     "ETModelForCausalLM": "et_transformers.modeling",
     "GenerationStats": "et_transformers.generation",
+    "GenerationResponse": "et_transformers.streaming",
     "ChatSession": "et_transformers.chat",
 }
 
@@ -45,6 +47,7 @@ __all__ = [
     "ExportConfig",
     "ExportError",
     "Exporter",
+    "GenerationResponse",
     "GenerationStats",
     "HubError",
     "InvalidConfigError",

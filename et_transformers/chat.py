@@ -15,12 +15,14 @@ then holds other tokens) and re-reads the conversation.
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
 from typing import Any
 
 import torch
 
 from .errors import ContextFullError, ETTransformersError
 from .generation import GenerationStats
+from .streaming import GenerationResponse, stream
 
 logger = logging.getLogger(__name__)
 
@@ -131,6 +133,63 @@ class ChatSession:
                 :meth:`reset` (or a new session) starts over.
             ValueError: invalid generation options.
         """
+        messages, ids, options = self._prepare_turn(text, generation_kwargs)
+        with self.model.program.lock:  # the cache check, the turn and its bookkeeping, as one
+            cached = self._reusable_prefix(ids)
+            out, stats = self.model._generator.generate(
+                self.model.generation_config,
+                torch.tensor([ids], dtype=torch.long),
+                streamer=streamer,
+                cached_prefix=cached,
+                **options,
+            )
+            sequences = out if isinstance(out, torch.Tensor) else out.sequences  # return_dict_in_generate
+            return self._finish_turn(messages, ids, sequences[0, len(ids):].tolist(), cached, stats)
+
+    def stream(self, text: str, **generation_kwargs: Any) -> Iterator[GenerationResponse]:
+        """Like :meth:`send`, but yield the reply token by token as it is produced.
+
+        The tokens are those :meth:`send` gives; the records are
+        ``ETModelForCausalLM.stream_generate``'s. The turn (messages, cache bookkeeping, stats) is
+        recorded when the stream ends; a stream closed early records the reply so far.
+
+        Args:
+            text: the user's message.
+            **generation_kwargs: as for :meth:`send`, plus ``logprobs`` and ``top_logprobs``.
+
+        Returns:
+            An iterator of :class:`~et_transformers.streaming.GenerationResponse`.
+
+        Raises:
+            ContextFullError: as :meth:`send`, raised by this call.
+            ValueError: invalid generation options, raised by the first iteration (the turn's
+                cache reuse is decided then, while the stream holds the model).
+        """
+        messages, ids, options = self._prepare_turn(text, generation_kwargs)
+        return self._stream_turn(messages, ids, options)
+
+    def _stream_turn(self, messages, ids, options) -> Iterator[GenerationResponse]:
+        with self.model.program.lock:  # held for the whole turn, as in send()
+            cached = self._reusable_prefix(ids)
+            finished = []
+            records = stream(
+                self.model._generator,
+                self.model.generation_config,
+                torch.tensor([ids], dtype=torch.long),
+                cached_prefix=cached,
+                on_finish=lambda stats, new: finished.append((stats, new)),
+                **options,
+            )
+            try:
+                yield from records
+            finally:
+                records.close()
+                if finished:
+                    stats, new = finished[0]
+                    self._finish_turn(messages, ids, new, cached, stats)
+
+    def _prepare_turn(self, text: str, generation_kwargs: dict[str, Any]):
+        """``(messages with the new one, their token ids, this turn's generate() options)``."""
         messages = [*self.messages, {"role": "user", "content": text}]
         ids = self.render(messages)
         context = self.context_size
@@ -143,27 +202,23 @@ class ChatSession:
         options = {**self.generation_kwargs, **generation_kwargs}
         wanted = options.get("max_new_tokens") or self.model.generation_config.max_new_tokens
         options["max_new_tokens"] = min(wanted or DEFAULT_MAX_NEW_TOKENS, room)
-        cached = self._reusable_prefix(ids)
-        out, stats = self.model._generator.generate(
-            self.model.generation_config,
-            torch.tensor([ids], dtype=torch.long),
-            streamer=streamer,
-            cached_prefix=cached,
-            **options,
-        )
-        row = out[0].tolist()
+        return messages, ids, options
+
+    def _finish_turn(self, messages, ids: list[int], new: list[int], cached: int, stats: GenerationStats) -> str:
+        """Record a finished turn (reply, cache contents, stats) and return the reply text."""
+        row = ids + new
         # The last sampled token was never fed to the program: the cache holds all but it.
         self._cached = row[:-1]
         self._executions = self.model.program.executions
-        self.reply_ids = row[len(ids):]
+        self.reply_ids = new
         reply = self.tokenizer.decode(self.reply_ids, skip_special_tokens=True)
         self.messages = [*messages, {"role": "assistant", "content": reply}]
         stats.extra.update(
             cached_tokens=cached,
             prefilled_tokens=len(ids) - cached,
             context_used=len(self._cached),
-            context_size=context,
-            context_full=len(row) >= context,
+            context_size=self.context_size,
+            context_full=len(row) >= self.context_size,
         )
         self.stats = stats
         return reply

@@ -68,7 +68,8 @@ def _evaluate(input_ids: torch.Tensor, window: int, logits_of) -> Evaluation:
 
 def evaluate_program(program, input_ids: torch.Tensor, window: int) -> Evaluation:
     """Teacher-force ``input_ids`` through an exported :class:`~et_transformers.runtime.Program`
-    (its ``forward_all``: one call per window on an evaluation program, one per token otherwise).
+    (its ``forward_all``: one call per window on an evaluation program, one per token otherwise),
+    holding the program's lock.
 
     Raises:
         ValueError: ``window`` exceeds the program's context.
@@ -78,7 +79,8 @@ def evaluate_program(program, input_ids: torch.Tensor, window: int) -> Evaluatio
             f"window={window} exceeds the program's context of {program.metadata.max_context_len} tokens; "
             f"use a smaller window or export with a larger max_seq_len."
         )
-    return _evaluate(input_ids, window, lambda ids: program.forward_all(ids, 0)[0])
+    with program.lock:  # every window overwrites the KV cache from position 0
+        return _evaluate(input_ids, window, lambda ids: program.forward_all(ids, 0)[0])
 
 
 def evaluate_eager(model, input_ids: torch.Tensor, window: int) -> Evaluation:

@@ -78,6 +78,8 @@ class Manifest:
         model_type: the Hugging Face ``model_type`` of the source.
         program: facts about the program (methods, metadata values) for humans and tools.
         metrics: measured figures (size, speed, quality) when known; optional.
+        weight_bytes_per_token: bytes of weights one decode step reads (see
+            :mod:`et_transformers.export.weight_bytes`); ``None`` in manifests older than it.
         format_version: :data:`FORMAT_VERSION` of the writer.
     """
 
@@ -89,6 +91,7 @@ class Manifest:
     model_type: str | None = None
     program: dict[str, Any] = field(default_factory=dict)
     metrics: dict[str, Any] = field(default_factory=dict)
+    weight_bytes_per_token: int | None = None
     format_version: int = FORMAT_VERSION
 
     def to_json(self) -> str:

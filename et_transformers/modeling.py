@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 import os
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -25,10 +26,13 @@ from .config import DEFAULT_RECIPE, ExportConfig, recipe_name
 from .config import recipe as make_recipe
 from .errors import InvalidConfigError, ModelNotFoundError, ProgramError
 from .generation import GenerationStats, Generator, peak_rss_bytes
+from .generation_fields import drop_refused_fields
 from .manifest import PTE_NAME, Manifest
 from .model_card import CardData
 from .runtime import Program
 from .tokenization import load_tokenizer, missing_tokenizer, resolve_tokenizer
+from .streaming import GenerationResponse, stream
+
 
 __all__ = ["ETModelForCausalLM", "load_tokenizer"]
 
@@ -61,6 +65,11 @@ class ETModelForCausalLM:
     Build one with :meth:`from_pretrained` (Hub id, local folder, GGUF file, or a folder/repo of
     an exported model) or :meth:`from_pte`.
 
+    A model object owns its program's KV cache, which holds one sequence at a time, so calls on one
+    object from several threads (``generate``, ``stream_generate``, ``forward``, chat turns) run one
+    after another, each holding the program's lock for the whole call. To generate N sequences in
+    parallel, load N objects (each loads the ``.pte`` again, with a KV cache of its own).
+
     Attributes:
         config: the transformers config of the source model (``None`` for a bare ``.pte``).
         generation_config: default ``GenerationConfig`` for :meth:`generate`.
@@ -89,12 +98,14 @@ class ETModelForCausalLM:
         self.program = program
         self._config = config
         self.generation_config = generation_config or GenerationConfig()
+        drop_refused_fields(self.generation_config, f"{program.path.parent}/generation_config.json")
         self.tokenizer = tokenizer
         self.export_config = export_config
         self.manifest = manifest
         self.stats = stats or GenerationStats()
         raw = config.to_dict() if config is not None else _read_config_dict(program.path.parent)
-        self._generator = Generator(program, raw.get("max_position_embeddings"), tokenizer)
+        weight_bytes = manifest.weight_bytes_per_token if manifest is not None else None
+        self._generator = Generator(program, raw.get("max_position_embeddings"), tokenizer, weight_bytes)
 
     @property
     def config(self):
@@ -455,7 +466,8 @@ class ETModelForCausalLM:
         The token lands in cache position 0, which the next generation overwrites: positions are
         only ever read after being written in the same sequence.
         """
-        self.program.forward(torch.zeros(1, 1, dtype=torch.long), 0)
+        with self.program.lock:
+            self.program.forward(torch.zeros(1, 1, dtype=torch.long), 0)
 
     # -- properties ----------------------------------------------------------------------
 
@@ -504,20 +516,25 @@ class ETModelForCausalLM:
         ids = check_input_ids(input_ids, meta.vocab_size)
         mask = attention_mask_for(ids, attention_mask, None, None)
         logits = torch.zeros(*ids.shape, meta.vocab_size)
-        for b in range(ids.shape[0]):
-            tokens = ids[b][mask[b].bool()].unsqueeze(0)  # [1, n]
-            n = tokens.shape[-1]
-            if n > meta.max_context_len:
-                raise ValueError(
-                    f"row {b} has {n} tokens but the program's context holds {meta.max_context_len}; "
-                    f"evaluate in windows of at most {meta.max_context_len} tokens."
-                )
-            chunks = [
-                self.program.forward_all(tokens[:, s : s + meta.max_seq_len], s)
-                for s in range(0, n, meta.max_seq_len)
-            ]
-            logits[b, ids.shape[1] - n :] = torch.cat(chunks, dim=1)[0]
+        with self.program.lock:
+            for b in range(ids.shape[0]):
+                tokens = ids[b][mask[b].bool()].unsqueeze(0)  # [1, n]
+                logits[b, ids.shape[1] - tokens.shape[-1] :] = self._all_logits(tokens, b)
         return CausalLMOutput(logits=logits)
+
+    def _all_logits(self, tokens: torch.Tensor, b: int) -> torch.Tensor:
+        """Every position's logits ``[n, V]`` of one unpadded row ``[1, n]``, from position 0."""
+        meta = self.program.metadata
+        n = tokens.shape[-1]
+        if n > meta.max_context_len:
+            raise ValueError(
+                f"row {b} has {n} tokens but the program's context holds {meta.max_context_len}; "
+                f"evaluate in windows of at most {meta.max_context_len} tokens."
+            )
+        chunks = [
+            self.program.forward_all(tokens[:, s : s + meta.max_seq_len], s) for s in range(0, n, meta.max_seq_len)
+        ]
+        return torch.cat(chunks, dim=1)[0]
 
     __call__ = forward
 
@@ -545,12 +562,18 @@ class ETModelForCausalLM:
             stopping_criteria: extra transformers ``StoppingCriteria``.
             **kwargs: ``GenerationConfig`` fields (``max_new_tokens``, ``do_sample``,
                 ``temperature``, ``top_k``, ``top_p``, ``min_p``, ``repetition_penalty``,
-                ``eos_token_id``, ``stop_strings``, ``max_time``...) and ``tokenizer`` (for
-                ``stop_strings``). Unknown or unsupported keywords raise ``ValueError``.
+                ``eos_token_id``, ``stop_strings``, ``max_time``, ``return_dict_in_generate``,
+                ``output_scores``, ``output_logits``...) and ``tokenizer`` (for ``stop_strings``).
+                Unknown or unsupported keywords raise ``ValueError``.
 
         Returns:
             LongTensor ``[batch, seq + new]``: prompts followed by new tokens, padded with
-            ``pad_token_id`` after a row stopped.
+            ``pad_token_id`` after a row stopped. With ``return_dict_in_generate=True``,
+            transformers' ``GenerateDecoderOnlyOutput``: ``sequences`` (that tensor), and with
+            ``output_scores=True`` / ``output_logits=True`` ``scores`` / ``logits``: one
+            ``[batch, vocab]`` float32 tensor per step, the processed scores / raw logits, filled
+            as transformers fills them (a row that stopped gets the steps it takes with
+            ``pad_token_id`` fed back until the batch stops).
 
         Raises:
             ValueError: bad input (empty prompt, ids outside the vocabulary, prompt or requested
@@ -558,7 +581,6 @@ class ETModelForCausalLM:
                 raised before the program runs.
             TokenizerError: ``stop_strings`` with no tokenizer (passed or the model's).
         """
-        load, export = self.stats.load_time, self.stats.export_time
         tokenizer = kwargs.pop("tokenizer", None)
         if tokenizer is None and kwargs.get("stop_strings") is not None:
             self.require_tokenizer("stop_strings")  # raises, naming the model and the fix, when it has none
@@ -573,7 +595,68 @@ class ETModelForCausalLM:
             tokenizer=tokenizer,
             **kwargs,
         )
-        stats.load_time, stats.export_time = load, export
-        self.stats = stats
+        self._keep_stats(stats)
         return out
+
+    def _keep_stats(self, stats: GenerationStats) -> None:
+        """Make ``stats`` the model's, keeping the load figures."""
+        stats.load_time, stats.export_time = self.stats.load_time, self.stats.export_time
+        self.stats = stats
+
+    def stream_generate(
+        self,
+        input_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        generation_config=None,
+        logits_processor=None,
+        stopping_criteria=None,
+        *,
+        logprobs: bool = True,
+        top_logprobs: int = 0,
+        **kwargs: Any,
+    ) -> Iterator[GenerationResponse]:
+        """Generate from one prompt, yielding a record per new token as it is produced.
+
+        The tokens are exactly ``generate()``'s (the same loop runs; seeded sampling draws the
+        same numbers). Pull-based: the program runs only while you iterate. From its first record
+        until it ends, the stream holds the model (other threads' calls wait): an unfinished stream
+        keeps holding it until it is closed (``close()``, or leaving a ``with
+        contextlib.closing(...)`` block) or garbage collected. Running the model from the same
+        thread while a stream is paused makes the stream's next step raise ``RuntimeError``.
+
+        Example::
+
+            for r in model.stream_generate(ids, max_new_tokens=64, top_logprobs=3):
+                print(r.text, end="", flush=True)
+            print(r.finish_reason, model.stats.summary())
+
+        Args:
+            input_ids: one prompt, LongTensor ``[1, seq]`` (or ``[seq]``).
+            attention_mask, generation_config, logits_processor, stopping_criteria, **kwargs: as
+                :meth:`generate` takes them (``tokenizer=`` also decodes the text).
+            logprobs: fill each record's ``logprob`` (log-softmax of the processed scores at the
+                chosen token); ``False`` skips that per-token work.
+            top_logprobs: also fill ``top_logprobs`` with this many ``(token id, logprob)`` pairs.
+
+        Returns:
+            An iterator of :class:`~et_transformers.streaming.GenerationResponse`; the last one
+            carries ``finish_reason``. When it ends, :attr:`stats` describes the stream.
+
+        Raises:
+            ValueError: as :meth:`generate`, a batch of more than one prompt, or a bad
+                ``top_logprobs``; raised by this call, before the first record.
+        """
+        return stream(
+            self._generator,
+            self.generation_config,
+            input_ids,
+            logprobs=logprobs,
+            top_logprobs=top_logprobs,
+            on_finish=lambda stats, _: self._keep_stats(stats),
+            attention_mask=attention_mask,
+            generation_config=generation_config,
+            logits_processor=logits_processor,
+            stopping_criteria=stopping_criteria,
+            **kwargs,
+        )
 

@@ -26,61 +26,9 @@ from transformers.generation import logits_process as lp
 from transformers.generation import stopping_criteria as sc
 
 from .errors import TokenizerError
+from .generation_fields import OUTPUT_FIELDS, SUPPORTED_FIELDS, drop_refused_fields, refusal, refused_fields
 
 logger = logging.getLogger(__name__)
-
-#: GenerationConfig fields generate() honours.
-SUPPORTED_FIELDS = (
-    "max_new_tokens",
-    "max_length",
-    "min_new_tokens",
-    "min_length",
-    "do_sample",
-    "temperature",
-    "top_k",
-    "top_p",
-    "min_p",
-    "typical_p",
-    "epsilon_cutoff",
-    "eta_cutoff",
-    "repetition_penalty",
-    "no_repeat_ngram_size",
-    "bad_words_ids",
-    "suppress_tokens",
-    "begin_suppress_tokens",
-    "forced_bos_token_id",
-    "forced_eos_token_id",
-    "exponential_decay_length_penalty",
-    "renormalize_logits",
-    "remove_invalid_values",
-    "sequence_bias",
-    "eos_token_id",
-    "pad_token_id",
-    "bos_token_id",
-    "stop_strings",
-    "max_time",
-)
-
-#: Fields we cannot honour: name -> (values that mean "off", why the others are refused).
-UNSUPPORTED_FIELDS: dict[str, tuple[tuple[Any, ...], str]] = {
-    "num_beams": ((None, 1), "beam search needs several KV caches; the program holds one sequence"),
-    "num_beam_groups": ((None, 1), "beam search is not supported"),
-    "penalty_alpha": ((None,), "contrastive search is not supported"),
-    "guidance_scale": ((None, 1, 1.0), "classifier-free guidance needs a second forward per step"),
-    "num_return_sequences": ((None, 1), "generate one sequence per prompt (repeat the prompt for more)"),
-    "return_dict_in_generate": ((None, False), "generate returns the sequences tensor"),
-    "output_scores": ((None, False), "generate returns the sequences tensor"),
-    "output_logits": ((None, False), "generate returns the sequences tensor"),
-    "output_attentions": ((None, False), "the program returns logits only"),
-    "output_hidden_states": ((None, False), "the program returns logits only"),
-    "prompt_lookup_num_tokens": ((None,), "assisted generation is not supported"),
-    "watermarking_config": ((None,), "watermarking is not supported"),
-    "top_h": ((None,), "top-h sampling is not supported"),
-    "encoder_repetition_penalty": ((None, 1, 1.0), "the model has no encoder"),
-    "encoder_no_repeat_ngram_size": ((None, 0), "the model has no encoder"),
-    "use_cache": ((None, True), "the program always uses its KV cache"),
-}
-
 
 @dataclass
 class GenerationPlan:
@@ -122,14 +70,14 @@ def merge_config(default: GenerationConfig, generation_config: GenerationConfig 
             f"attention_mask, generation_config, streamer, logits_processor, stopping_criteria, tokenizer."
         )
     user = set(kwargs) | (set(generation_config.to_diff_dict()) if generation_config is not None else set())
-    for name, (off, reason) in UNSUPPORTED_FIELDS.items():
-        value = getattr(gc, name, None)
-        if value in off:
-            continue
-        if name in user:
-            raise ValueError(f"{name}={value!r} is not supported: {reason}.")
-        logger.warning("Ignoring %s=%r from the model's generation config: %s.", name, value, reason)
-        setattr(gc, name, off[0])
+    refused = refused_fields(gc)
+    asked = {name: value for name, value in refused.items() if name in user}
+    if asked:
+        raise ValueError(
+            f"generate() does not support {refusal(asked)}. Remove {'it' if len(asked) == 1 else 'them'}; "
+            f"the supported GenerationConfig fields are {', '.join(SUPPORTED_FIELDS + OUTPUT_FIELDS)}."
+        )
+    drop_refused_fields(gc, "the model's generation config")
     return gc, user
 
 

@@ -106,7 +106,13 @@ class _TimedProgram:
     def __init__(self, program: Program):
         self._program = program
         self.metadata = program.metadata
+        self.lock = program.lock
         self.calls: list[tuple[str, float]] = []  # (phase, seconds), in order
+
+    @property
+    def executions(self) -> int:
+        """The wrapped program's execution count (the generation loop checks it between steps)."""
+        return self._program.executions
 
     def forward(self, input_ids: torch.Tensor, start_pos: int) -> torch.Tensor:
         t = time.perf_counter()
@@ -171,7 +177,8 @@ def profile_generation(
     program = Program(model.pte_path, enable_etdump=True)
     program.forward(torch.zeros(1, 1, dtype=torch.long), 0)  # warm-up: XNNPACK packs weights
     timed = _TimedProgram(program)
-    generator = Generator(timed, model._generator.max_position_embeddings, tokenizer)
+    generator = Generator(timed, model._generator.max_position_embeddings, tokenizer,
+                          model._generator.weight_bytes_per_token)
     out, stats = generator.generate(model.generation_config, ids, **generation_kwargs)
 
     t = time.perf_counter()

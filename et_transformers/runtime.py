@@ -13,6 +13,7 @@ from __future__ import annotations
 import importlib.util
 import logging
 import os
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -97,6 +98,52 @@ class ProgramMetadata:
     cache_rebuild_len: int | None = None
 
 
+class ProgramLock:
+    """Serializes the users of one program: its KV cache holds one sequence at a time.
+
+    Whoever runs a sequence through the program (a ``generate()`` call, a stream for its whole
+    iteration, a chat turn, ``forward``) holds it. Like ``threading.RLock`` it is reentrant for the
+    thread that holds it (a chat turn runs the generation loop inside its own hold); unlike it, a
+    hold may be released from another thread, because a stream's iteration may move between
+    threads (a web server's thread pool calls ``next`` from any worker) or end when it is garbage
+    collected elsewhere.
+    """
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._owner: int | None = None
+        self._holds = 0
+
+    def acquire(self) -> None:
+        """Wait until no other thread holds the program, then hold it (again, if this thread does)."""
+        me = threading.get_ident()
+        if self._owner == me:
+            self._holds += 1
+            return
+        self._lock.acquire()
+        self._owner, self._holds = me, 1
+
+    def release(self) -> None:
+        """Give back one hold; the program is free when every hold is given back.
+
+        Raises:
+            RuntimeError: nobody holds it.
+        """
+        if self._holds == 0:
+            raise RuntimeError("release() of a ProgramLock that nobody holds.")
+        self._holds -= 1
+        if self._holds == 0:
+            self._owner = None
+            self._lock.release()
+
+    def __enter__(self) -> "ProgramLock":
+        self.acquire()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+
 class Program:
     """A loaded ExecuTorch LLM program.
 
@@ -130,6 +177,9 @@ class Program:
         #: ``forward`` executions so far: a caller that keeps state in the KV cache between calls
         #: (a chat session) compares it to know whether anyone else has run the program since.
         self.executions = 0
+        #: Held by whoever runs a sequence through the program (see :class:`ProgramLock`); the
+        #: methods here do not take it, so a caller holds it across all the calls of one sequence.
+        self.lock = ProgramLock()
         warn_if_contended()
 
     def _constant(self, name: str):

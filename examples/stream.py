@@ -1,4 +1,4 @@
-"""Stream tokens as they are produced, with transformers' TextIteratorStreamer.
+"""Stream tokens as they are produced: pull-based stream_generate, then transformers' TextIteratorStreamer.
 
 Usage: python examples/stream.py MODEL [PROMPT]
 """
@@ -20,7 +20,12 @@ prompt = sys.argv[2] if len(sys.argv) > 2 else "Tell me a story about a robot."
 input_ids = tok.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
                                     return_tensors="pt", return_dict=True)["input_ids"]
 
-streamer = TextIteratorStreamer(tok, skip_prompt=True, skip_special_tokens=True)
+for record in model.stream_generate(input_ids, max_new_tokens=48):  # no thread: the loop runs as you pull
+    print(record.text, end="", flush=True)  # record.token, .logprob, .generation_tokens_per_s
+print()
+print(f"[{record.finish_reason}] {model.stats.summary()}", file=sys.stderr)
+
+streamer = TextIteratorStreamer(tok, skip_prompt=True, skip_special_tokens=True)  # the transformers way
 worker = Thread(target=model.generate, args=(input_ids,), kwargs=dict(max_new_tokens=48, streamer=streamer))
 worker.start()
 for piece in streamer:  # text arrives while generate() runs in the other thread

@@ -6,6 +6,7 @@ and shared by every test that reads it; tests that need a private cache get thei
 
 from __future__ import annotations
 
+import copy
 import os
 import subprocess
 import sys
@@ -64,6 +65,14 @@ def tiny_llama_et(tiny_llama_export):
     from et_transformers import ETModelForCausalLM
 
     return ETModelForCausalLM.from_pretrained(tiny_llama_export.output_dir)
+
+
+@pytest.fixture()
+def et(tiny_llama_et):
+    """``tiny_llama_et`` with its generation config restored after the test."""
+    saved = copy.deepcopy(tiny_llama_et.generation_config)
+    yield tiny_llama_et
+    tiny_llama_et.generation_config = saved
 
 
 @pytest.fixture(scope="session")

@@ -82,3 +82,28 @@ def test_generator_rejects_a_cached_prefix_that_leaves_nothing_to_prefill(cli_mo
     with pytest.raises(ValueError, match="at least one"):
         cli_model._generator.generate(cli_model.generation_config, torch.tensor([[5, 6]]), cached_prefix=2,
                                       max_new_tokens=2)
+
+
+def test_stream_equals_send_turn_for_turn(cli_model):
+    turns = ("What is the capital of France?", "And of Italy?")
+    sent = ChatSession(cli_model, **GREEDY)
+    replies = [(sent.send(text), list(sent.reply_ids), dict(sent.stats.extra)) for text in turns]
+    streamed = ChatSession(cli_model, **GREEDY)
+    for text, (reply, reply_ids, extra) in zip(turns, replies):
+        records = list(streamed.stream(text))
+        assert [r.token for r in records] == reply_ids == streamed.reply_ids
+        assert "".join(r.text for r in records) == reply
+        assert streamed.stats.extra == extra  # the same cache reuse
+    assert streamed.messages == sent.messages
+    assert extra["cached_tokens"] > 0
+
+
+def test_a_stream_closed_early_keeps_the_reply_so_far(cli_model):
+    chat = ChatSession(cli_model, **GREEDY)
+    records = chat.stream("Hello there")
+    first = [next(records).token for _ in range(3)]
+    records.close()
+    assert chat.reply_ids == first and chat.messages[-1]["role"] == "assistant"
+    chat.send("And then?")
+    assert chat.stats.extra["cached_tokens"] > 0
+    assert chat.reply_ids == full_history_reply(cli_model, chat)

@@ -36,7 +36,10 @@ def test_generate_example(cli_export, cli_model):
 
 
 def test_stream_example(cli_export):
-    assert run_example("stream.py", cli_export[0], "Hello").stdout.strip()
+    proc = run_example("stream.py", cli_export[0], "Hello")
+    pulled, pushed = proc.stdout.split("\n")[:2]
+    assert pulled.strip() and pulled == pushed  # stream_generate and the streamer: the same reply
+    assert "] prompt" in proc.stderr  # the finish reason, then the stats
 
 
 def test_chat_example_reuses_the_cache_on_the_second_turn(cli_export):

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 import threading
 
 import pytest
@@ -18,22 +17,12 @@ from transformers import (
 
 import tiny
 
-PROMPTS = ["Paris is the capital", "Once upon a time there was a little robot who", "one"]
-
-
-@pytest.fixture()
-def et(tiny_llama_et):
-    """The shared ET model with its generation config restored after each test."""
-    saved = copy.deepcopy(tiny_llama_et.generation_config)
-    yield tiny_llama_et
-    tiny_llama_et.generation_config = saved
-
 
 @pytest.fixture(scope="module")
 def batch():
     tok = tiny.make_tokenizer()
     tok.padding_side = "left"
-    return tok, tok(PROMPTS, return_tensors="pt", padding=True)
+    return tok, tok(tiny.PROMPTS, return_tensors="pt", padding=True)
 
 
 def eager_generate(model, **kwargs):
@@ -267,3 +256,77 @@ def test_reaching_the_end_of_the_context_stops_with_a_warning(et):
     with pytest.warns(UserWarning, match="end of the program's context"):
         out = et.generate(prompt)
     assert out.shape[1] == 128
+
+
+# -- return_dict_in_generate: scores and logits as eager transformers fills them -------------------
+
+
+def assert_same_steps(got, expected):
+    assert len(got) == len(expected)
+    for step, (g, e) in enumerate(zip(got, expected)):
+        assert g.shape == e.shape and g.dtype == e.dtype, step
+        torch.testing.assert_close(g, e, atol=1e-4, rtol=1e-4, msg=lambda m: f"step {step}: {m}")
+
+
+@pytest.mark.parametrize(
+    "options",
+    [dict(do_sample=False), dict(do_sample=False, repetition_penalty=1.5, min_new_tokens=4, suppress_tokens=[7])],
+    ids=["plain", "processors"],
+)
+def test_scores_and_logits_match_eager_transformers(et, tiny_llama_model, options):
+    ids = torch.tensor([[5, 9, 100, 33, 100]])
+    kwargs = dict(max_new_tokens=8, eos_token_id=None, return_dict_in_generate=True, output_scores=True,
+                  output_logits=True, **options)
+    expected = eager_generate(tiny_llama_model, input_ids=ids, **kwargs)
+    got = et.generate(ids, **kwargs)
+    assert type(got) is type(expected)
+    assert torch.equal(got.sequences, expected.sequences)
+    assert_same_steps(got.scores, expected.scores)
+    assert_same_steps(got.logits, expected.logits)
+    if options.get("repetition_penalty"):
+        assert not torch.equal(got.scores[0], got.logits[0])  # the processors ran on the scores
+
+
+def test_batch_scores_of_stopped_rows_match_eager_transformers(et, tiny_llama_model, batch):
+    """Rows that stop early keep running with pad fed back in transformers; their steps match too."""
+    _, enc = batch
+    free = eager_generate(tiny_llama_model, **enc, max_new_tokens=12, do_sample=False)
+    prompt_len = enc.input_ids.shape[1]
+    eos = [int(free[0, prompt_len + 3]), int(free[2, prompt_len + 6])]
+    kwargs = dict(max_new_tokens=12, do_sample=False, eos_token_id=eos, pad_token_id=0,
+                  return_dict_in_generate=True, output_scores=True, output_logits=True)
+    expected = eager_generate(tiny_llama_model, **enc, **kwargs)
+    got = et.generate(**enc, **kwargs)
+    assert torch.equal(got.sequences, expected.sequences)
+    assert (got.sequences[:, -1] == 0).any()  # some row did stop early
+    assert_same_steps(got.scores, expected.scores)
+    assert_same_steps(got.logits, expected.logits)
+
+
+def test_return_dict_without_scores(et):
+    out = et.generate(torch.tensor([[5, 9]]), max_new_tokens=3, return_dict_in_generate=True)
+    assert out.sequences.shape == (1, 5) and out.scores is None and out.logits is None
+
+
+def test_without_an_eos_criterion_a_stopped_row_goes_on_as_in_transformers(et, tiny_llama_model, batch):
+    """transformers pads a stopped row only when an EOS criterion exists; else the row keeps choosing."""
+    _, enc = batch
+    free = eager_generate(tiny_llama_model, **enc, max_new_tokens=10, do_sample=False, eos_token_id=None)
+    stop_token = int(free[1, enc.input_ids.shape[1] + 2])
+
+    class StopAfter(StoppingCriteria):  # per row: done once the row has produced stop_token
+        def __call__(self, input_ids, scores, **kwargs):
+            return (input_ids[:, enc.input_ids.shape[1]:] == stop_token).any(dim=-1)
+
+    kwargs = dict(max_new_tokens=10, do_sample=False, eos_token_id=None, return_dict_in_generate=True,
+                  output_scores=True)
+    criteria = lambda: StoppingCriteriaList([StopAfter()])  # noqa: E731
+    expected = eager_generate(tiny_llama_model, **enc, stopping_criteria=criteria(), **kwargs)
+    got = et.generate(**enc, stopping_criteria=criteria(), **kwargs)
+    # Row 1 stopped at its third token, the batch went on, and transformers did not pad row 1.
+    assert expected.sequences.shape[1] > enc.input_ids.shape[1] + 3
+    assert torch.equal(expected.sequences, free[:, : expected.sequences.shape[1]])
+    assert torch.equal(got.sequences, expected.sequences)
+    assert_same_steps(got.scores, expected.scores)
+    plain = et.generate(**enc, stopping_criteria=criteria(), max_new_tokens=10, do_sample=False, eos_token_id=None)
+    assert torch.equal(plain, expected.sequences)

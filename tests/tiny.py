@@ -25,6 +25,8 @@ CHAT_TEMPLATE = (
 )
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 VOCAB_SIZE = 256
+#: Prompts of different lengths (a left-padded batch when tokenized together).
+PROMPTS = ["Paris is the capital", "Once upon a time there was a little robot who", "one"]
 
 
 def make_tokenizer(vocab_size: int = VOCAB_SIZE):

@@ -39,6 +39,7 @@ from .lowering import lower
 from .passes import apply_xnnpack_friendly_rewrites
 from .quantize import float_layer_weights, quantize_model
 from .transforms import apply_builtin_transforms
+from .weight_bytes import decode_weight_bytes
 from .wrapper import ExportableCausalLM
 
 logger = logging.getLogger(__name__)
@@ -370,6 +371,7 @@ class Exporter:
             pte_sha256=sha256_file(pte_path),
             pte_size=os.path.getsize(pte_path),
             model_type=loaded.config.model_type,
+            weight_bytes_per_token=decode_weight_bytes(getattr(self.module, "model", self.module)),
             program={
                 "methods": methods,
                 "metadata": self.metadata(),
