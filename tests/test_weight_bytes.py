@@ -34,10 +34,11 @@ def test_a_tied_embedding_is_read_whole_by_the_head_and_counted_once():
     assert decode_weight_bytes(TinyLM(tied=True)) == 100 * 16 * 4 + 2 * 16 * 4
 
 
-def test_quantized_layers_count_their_stored_bits_scales_and_zero_points():
+def test_quantized_layers_count_their_stored_bits_and_scales():
     qdata = torch.randint(-8, 8, (8, 64), dtype=torch.int8)
     linear = QuantizedLinear(qdata, torch.ones(8, 2), bits=4, group_size=32, dynamic_activations=True)
-    assert decode_weight_bytes(linear) == 8 * 64 // 2 + 8 * 2 * 4 + 8 * 2 * 4  # int4 values, scales, zeros
+    # int4 values and float scales; the (symmetric, all-zero) zero points are never read
+    assert decode_weight_bytes(linear) == 8 * 64 // 2 + 8 * 2 * 4
     table = QuantizedEmbedding(torch.randint(-128, 128, (10, 32), dtype=torch.int8), torch.ones(10, 1), 8,
                                torch.float32)
     assert decode_weight_bytes(table) == 32 + 4  # one int8 row and its scale

@@ -17,8 +17,11 @@ _EMBEDDINGS = (nn.Embedding, QuantizedEmbedding)
 
 
 def _stored_bytes(module: nn.Module, name: str, tensor) -> int:
-    if isinstance(module, QuantizedLinear) and name == "qdata" and module.bits == 4:
-        return tensor.numel() // 2  # int8 values in [-8, 7]; XNNPACK packs them two per byte
+    if isinstance(module, QuantizedLinear):
+        if name == "zero_point":
+            return 0  # symmetric: all zero, and XNNPACK's kernels read none
+        if name == "qdata" and module.bits == 4:
+            return tensor.numel() // 2  # int8 values in [-8, 7]; XNNPACK packs them two per byte
     return tensor.numel() * tensor.element_size()
 
 
