@@ -86,6 +86,10 @@ class BenchResult:
         generated: tokens generated in a run.
         prompt_tokens: prompt tokens the contender saw.
         peak_rss_mib: peak resident memory of the contender's process.
+        weight_bytes_per_token: bytes of weights one decode step reads (the program's manifest
+            for ours and the C++ runner; the GGUF's tensors for llama.cpp; the float parameters for
+            eager transformers; each embedding table counted as one row unless tied to the head).
+        decode_gb_s: achieved weight bandwidth, ``weight_bytes_per_token * decode_tok_s / 1e9``.
         load_s: time to load the model.
         note: why it is missing, or a caveat.
     """
@@ -97,6 +101,8 @@ class BenchResult:
     generated: int | None = None
     prompt_tokens: int | None = None
     peak_rss_mib: float | None = None
+    weight_bytes_per_token: int | None = None
+    decode_gb_s: float | None = None
     load_s: float | None = None
     note: str = ""
     extra: dict[str, Any] = field(default_factory=dict)
@@ -104,6 +110,54 @@ class BenchResult:
     def as_dict(self) -> dict[str, Any]:
         """The result as plain data."""
         return asdict(self)
+
+    def with_weight_bytes(self, weight_bytes: int | None) -> "BenchResult":
+        """Set :attr:`weight_bytes_per_token` and the bandwidth it implies; return ``self``."""
+        self.weight_bytes_per_token = weight_bytes
+        if weight_bytes and self.decode_tok_s:
+            self.decode_gb_s = weight_bytes * self.decode_tok_s / 1e9
+        return self
+
+
+def gguf_weight_bytes(path: str | os.PathLike) -> int:
+    """Bytes of a GGUF's tensors one decode step reads: all of them, the token embedding as one row
+    (unless the file has no separate ``output.weight``: then the head reads the embedding whole)."""
+    from gguf import GGUFReader
+
+    tensors = {t.name: t for t in GGUFReader(str(path)).tensors}
+    total = 0
+    for name, t in tensors.items():
+        size = int(t.n_bytes)
+        if name == "token_embd.weight" and "output.weight" in tensors:
+            size //= int(t.shape[-1])  # rows are the last of GGUF's (reversed) dims
+        total += size
+    return total
+
+
+def eager_weight_bytes(hf_model) -> int:
+    """Bytes of a transformers model's parameters one decode step reads (embeddings one row unless
+    tied to the head)."""
+    head = hf_model.get_output_embeddings()
+    tied = {id(head.weight)} if head is not None else set()
+    total = 0
+    for module in hf_model.modules():
+        for param in module.parameters(recurse=False):
+            size = param.numel() * param.element_size()
+            if type(module).__name__ == "Embedding" and id(param) not in tied:
+                size //= param.shape[0]
+            total += size
+    return total
+
+
+def manifest_weight_bytes(folder: str | os.PathLike) -> int | None:
+    """The ``weight_bytes_per_token`` an exported folder's manifest records (None if it has none)."""
+    from .errors import ProgramError
+    from .manifest import Manifest
+
+    try:
+        return Manifest.read(Path(folder)).weight_bytes_per_token
+    except ProgramError:  # a folder without a readable manifest simply has no figure
+        return None
 
 
 # -- in-process measurements (shared with benchmarks/generate.py) ---------------------------
@@ -258,6 +312,7 @@ def _worker(name: str, spec: BenchSpec) -> BenchResult:
         ids = prompt_ids(load_tokenizer(folder), spec.prompt_tokens, spec.text)
         load = time.perf_counter() - t0
         run = lambda: measure_eager(hf_model, ids, spec.new_tokens)  # noqa: E731
+        weight_bytes = eager_weight_bytes(hf_model)
     elif name == "executorch-runner":
         from executorch.extension.llm.runner import GenerationConfig, TextLLMRunner
 
@@ -273,13 +328,15 @@ def _worker(name: str, spec: BenchSpec) -> BenchResult:
         run = lambda: measure_cpp_runner(runner, GenerationConfig, text, spec.new_tokens)  # noqa: E731
     else:
         raise ValueError(f"unknown contender {name!r}; expected one of {CONTENDERS}.")
+    if name != "transformers":
+        weight_bytes = manifest_weight_bytes(folder)  # the same program for ours and the C++ runner
     run()  # warm-up
     prefill, decode, ttft, generated = medians([run() for _ in range(spec.runs)])
     return BenchResult(
         name=name, prefill_tok_s=prefill, decode_tok_s=decode, ttft_ms=None if ttft is None else ttft * 1000,
         generated=int(generated), prompt_tokens=spec.prompt_tokens, load_s=load,
         note="" if generated >= spec.new_tokens else f"stopped at EOS after {int(generated)} tokens",
-    )
+    ).with_weight_bytes(weight_bytes)
 
 
 def _run(cmd: list[str], folder: Path) -> tuple[int, str, str, float]:
@@ -353,7 +410,15 @@ def run_llama_bench(spec: BenchSpec) -> BenchResult:
         "llama.cpp", prefill_tok_s=prefill, decode_tok_s=decode, ttft_ms=1000 * spec.prompt_tokens / prefill,
         generated=spec.new_tokens, prompt_tokens=spec.prompt_tokens, peak_rss_mib=rss,
         note="TTFT estimated from prefill speed; llama-bench's own prompt and sampling",
-    )
+    ).with_weight_bytes(_readable_gguf_weight_bytes(spec.gguf))
+
+
+def _readable_gguf_weight_bytes(path: str) -> int | None:
+    try:
+        return gguf_weight_bytes(path)
+    except (OSError, ValueError, IndexError, KeyError) as e:  # not a GGUF we can read: no figure
+        logger.warning("Cannot read the tensors of %s (%s); its decode bandwidth is not reported.", path, e)
+        return None
 
 
 def compare(spec: BenchSpec, progress=None) -> list[BenchResult]:

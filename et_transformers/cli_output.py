@@ -179,10 +179,12 @@ def bench_table(results) -> str:
     for r in results:
         rows.append((
             r.name, number(r.prefill_tok_s), number(r.decode_tok_s), number(r.ttft_ms), r.generated,
-            number(r.peak_rss_mib, 0), number(r.load_s, 1), r.note,
+            number(r.weight_bytes_per_token / 1e6 if r.weight_bytes_per_token else None),
+            number(r.decode_gb_s, 2), number(r.peak_rss_mib, 0), number(r.load_s, 1), r.note,
         ))
-    headers = ("", "prefill tok/s", "decode tok/s", "TTFT ms", "generated", "peak RSS MiB", "load s", "note")
-    return table(headers, rows, right=(1, 2, 3, 4, 5, 6))
+    headers = ("", "prefill tok/s", "decode tok/s", "TTFT ms", "generated", "weights MB/tok", "decode GB/s",
+               "peak RSS MiB", "load s", "note")
+    return table(headers, rows, right=(1, 2, 3, 4, 5, 6, 7, 8))
 
 
 # -- cache ------------------------------------------------------------------------------------

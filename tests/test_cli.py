@@ -134,7 +134,7 @@ def test_bench_compares_contenders_side_by_side(cli_export, tmp_path):
     fake.write_text(FAKE_LLAMA_BENCH)
     fake.chmod(fake.stat().st_mode | stat.S_IEXEC)
     gguf = tmp_path / "same-model.gguf"
-    gguf.write_bytes(b"GGUF")
+    _write_tiny_gguf(gguf)
     proc = run_cli("bench", out, "--prompt-tokens", "16", "--new-tokens", "4", "--runs", "1", "--json",
                    "--gguf", gguf, "--llama-bench", fake)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -147,6 +147,33 @@ def test_bench_compares_contenders_side_by_side(cli_export, tmp_path):
         assert r["decode_tok_s"] > 0 or r["generated"] == 1, r
     assert results["et_transformers"]["ttft_ms"] > 0
     assert (results["llama.cpp"]["prefill_tok_s"], results["llama.cpp"]["decode_tok_s"]) == (1234.5, 67.8)
+    # Achieved bandwidth for every contender: the GGUF's tensors (embedding one row: 16 + 160 + 16)...
+    assert results["llama.cpp"]["weight_bytes_per_token"] == 192
+    assert results["llama.cpp"]["decode_gb_s"] == pytest.approx(192 * 67.8 / 1e9)
+    # ...the program's manifest for ours and the C++ runner, the float parameters for eager.
+    recorded = json.loads((out / "manifest.json").read_text())["weight_bytes_per_token"]
+    for name in ("et_transformers", "executorch-runner"):
+        assert results[name]["weight_bytes_per_token"] == recorded
+    assert results["transformers"]["weight_bytes_per_token"] > recorded / 2
+    for name in ("et_transformers", "transformers", "executorch-runner"):
+        r = results[name]
+        assert r["decode_gb_s"] is None or r["decode_gb_s"] == pytest.approx(
+            r["weight_bytes_per_token"] * r["decode_tok_s"] / 1e9)
+
+
+def _write_tiny_gguf(path):
+    """A GGUF with three float32 tensors: embedding [10, 4], head [10, 4], one norm [4]."""
+    import numpy as np
+    from gguf import GGUFWriter
+
+    writer = GGUFWriter(str(path), "llama")
+    writer.add_tensor("token_embd.weight", np.ones((10, 4), dtype=np.float32))
+    writer.add_tensor("output.weight", np.ones((10, 4), dtype=np.float32))
+    writer.add_tensor("blk.0.attn_norm.weight", np.ones(4, dtype=np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
 
 
 def test_cache_ls_rm_prune(cli_export, tmp_path):
