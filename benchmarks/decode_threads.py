@@ -1,0 +1,236 @@
+"""Decode speed of our .pte and the peer's .pte of the same weights, at one and two runtime threads.
+
+The programs run in the same ExecuTorch runtime, through the same bare loop (prefill, then greedy
+one-token forwards reading the logits in place), on the same prompt ids. ExecuTorch's thread pool
+can only be sized before a program is loaded (XNNPACK keeps a pointer to it), so each round starts
+one process per thread count; inside it the programs alternate, the order reversed every other
+round, and the thread counts alternate across rounds too. Printed: medians of prefill and decode
+tok/s per program and thread count, our/peer ratios, and with ``--etdump`` the per-token ETDump of
+32 decode steps: delegate calls, XNNPACK GEMM time, other delegate time, ``custom_sdpa`` time and
+microseconds per call, everything else.
+
+Run:  python benchmarks/decode_threads.py --ours DIR_OR_PTE --peer PEER_PTE [--runs 5] [--etdump]
+      (``--ours`` defaults to a fresh export of the demo model with the peer's scheme, made by this
+      checkout into a temporary cache; ``../shared/tools/peer-export.sh`` builds the peer's .pte.)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "examples"))
+
+PEER_SCHEME = dict(max_seq_len=1024, qlinear="8da4w", qlinear_group_size=32, qembedding="8w")
+
+
+def _pte(path: Path) -> Path:
+    return path / "model.pte" if path.is_dir() else path
+
+
+class _RawProgram:
+    """A ``.pte`` run straight through the bindings: ours and the peer's alike (the peer's lacks our
+    metadata methods and returns every position's logits, so only the last row is read)."""
+
+    def __init__(self, path: str, etdump: bool):
+        from et_transformers.runtime import _bindings
+
+        self.module = _bindings()._load_for_executorch(path, enable_etdump=etdump)
+        sizes = tuple(self.module.method_meta("forward").input_tensor_meta(0).sizes())
+        self.one_token = sizes[-1] == 1  # a static one-token forward
+
+    def next_token(self, ids, start: int) -> int:
+        import torch
+
+        positions = torch.arange(start, start + ids.shape[-1])
+        logits = self.module.forward((ids, positions), False)[0]
+        return int(logits.reshape(-1, logits.shape[-1])[-1].argmax())
+
+    def write_etdump(self, path) -> None:
+        self.module.write_etdump_result_to_file(str(path))
+
+
+def child(threads: int, ptes: list[str], prompt_tokens: int, new_tokens: int, reps: int, etdump: bool) -> None:
+    """One process: size the pool, load every program, time them alternately; print JSON."""
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    import torch
+
+    from et_transformers.runtime import _bindings, load_kernel_libraries
+
+    load_kernel_libraries()
+    _bindings()._unsafe_reset_threadpool(threads)
+    programs = [_RawProgram(p, etdump) for p in ptes]
+    ids = torch.randint(1000, 20000, (1, prompt_tokens), generator=torch.Generator().manual_seed(0))
+
+    def run(program, steps):
+        t0 = time.perf_counter()
+        if program.one_token:  # ExecuTorch's runner prefills such a program token by token too
+            for i in range(prompt_tokens):
+                token = program.next_token(ids[:, i : i + 1], i)
+        else:
+            token = program.next_token(ids, 0)
+        t1 = time.perf_counter()
+        pos = prompt_tokens
+        for _ in range(steps - 1):
+            token = program.next_token(torch.tensor([[token]]), pos)
+            pos += 1
+        t2 = time.perf_counter()
+        return prompt_tokens / (t1 - t0), (steps - 1) / (t2 - t1)
+
+    result: dict[str, list] = {p: [] for p in ptes}
+    if etdump:
+        for path, program in zip(ptes, programs):
+            run(program, 2)  # warm-up
+            run(program, 33)  # one prefill + 32 decode steps
+            result[path] = _etdump_breakdown(program, steps=32)
+    else:
+        for program in programs:
+            run(program, 4)  # warm-up: XNNPACK packs weights
+        for _ in range(reps):
+            for path, program in zip(ptes, programs):
+                result[path].append(run(program, new_tokens))
+    print(json.dumps(result))
+
+
+def _etdump_breakdown(program, steps: int) -> dict:
+    """Per decode token: delegate calls, GEMM / other delegate / custom_sdpa / other kernel ms."""
+    from executorch.devtools import Inspector
+
+    path = Path(tempfile.mkstemp(suffix=".etdp")[1])
+    program.write_etdump(path)
+    inspector = Inspector(etdump_path=str(path))
+    path.unlink()
+    decode_blocks = [b for b in inspector.event_blocks if b.name == "Execute"]
+    totals = {"delegate_calls": 0.0, "gemm_ms": 0.0, "other_delegate_ms": 0.0, "sdpa_ms": 0.0,
+              "sdpa_calls": 0, "other_kernels_ms": 0.0, "execute_ms": 0.0}
+    runs = 0
+    for block in decode_blocks:
+        # the last `steps` one-token runs are what we want; blocks hold every run of one shape
+        events = block.events
+        n = len(events[0].perf_data.raw) if events and events[0].perf_data else 0
+        if n < steps or not any("sdpa" in e.name for e in events):
+            continue
+        take = slice(n - steps, n)
+        runs = steps
+        for e in events:
+            if e.perf_data is None:
+                continue
+            ms = sum(e.perf_data.raw[take])
+            if e.name == "Method::execute":
+                totals["execute_ms"] += ms
+            elif e.name == "DELEGATE_CALL":
+                totals["delegate_calls"] += steps
+                totals["_delegate_ms"] = totals.get("_delegate_ms", 0.0) + ms
+            elif e.name == "OPERATOR_CALL":
+                continue
+            elif e.is_delegated_op:
+                key = "gemm_ms" if ("GEMM" in e.name or "Fully Connected" in e.name) else "_xnn_ops_ms"
+                totals[key] = totals.get(key, 0.0) + ms
+            elif "sdpa" in e.name:
+                totals["sdpa_ms"] += ms
+                totals["sdpa_calls"] += steps
+            else:
+                totals["other_kernels_ms"] += ms
+    if not runs:
+        return {}
+    delegate_ms = totals.pop("_delegate_ms", 0.0)
+    totals.pop("_xnn_ops_ms", None)
+    totals["other_delegate_ms"] = delegate_ms - totals["gemm_ms"]
+    out = {k: round(v / runs, 3) for k, v in totals.items() if k != "sdpa_calls"}
+    out["sdpa_us_per_call"] = round(totals["sdpa_ms"] * 1000 / max(totals["sdpa_calls"], 1), 1)
+    return out
+
+
+def export_ours(recipe_fields: dict) -> Path:
+    """A fresh export of the demo model by this checkout (a temporary cache, force_export)."""
+    from fetch_demo_model import fetch
+
+    from et_transformers import ETModelForCausalLM, ExportConfig
+
+    cache = Path(tempfile.mkdtemp(prefix="et-bench-cache-"))
+    model = ETModelForCausalLM.from_pretrained(
+        fetch(ROOT / ".demo"), export_config=ExportConfig(**recipe_fields), cache_dir=cache,
+        force_export=True, warmup=False,
+    )
+    return model.pte_path
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--ours", type=Path, help="our exported folder or .pte (default: export fresh)")
+    parser.add_argument("--peer", type=Path, help="the peer's model.pte (optional)")
+    parser.add_argument("--other", type=Path, action="append", default=[], help="more .pte files to compare")
+    parser.add_argument("--threads", default="1,2")
+    parser.add_argument("--runs", type=int, default=5, help="rounds (one process per thread count each)")
+    parser.add_argument("--reps", type=int, default=2, help="timed runs per program per process")
+    parser.add_argument("--prompt-tokens", type=int, default=128)
+    parser.add_argument("--new-tokens", type=int, default=128)
+    parser.add_argument("--etdump", action="store_true", help="also print the ETDump breakdown per token")
+    parser.add_argument("--child", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("ptes", nargs="*", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child is not None:
+        return child(args.child, args.ptes, args.prompt_tokens, args.new_tokens, args.reps, args.etdump)
+
+    commit = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"],
+                            capture_output=True, text=True).stdout.strip()
+    dirty = bool(subprocess.run(["git", "-C", str(ROOT), "status", "--porcelain", "et_transformers"],
+                                capture_output=True, text=True).stdout.strip())
+    ours = _pte(args.ours) if args.ours else export_ours(PEER_SCHEME)
+    named = {"ours": ours}
+    if args.peer:
+        named["peer"] = _pte(args.peer)
+    for i, other in enumerate(args.other):
+        named[f"other{i + 1}:{other.parent.name}"] = _pte(other)
+    threads = [int(t) for t in args.threads.split(",")]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+
+    def spawn(t: int, order: list[str], etdump: bool) -> dict:
+        cmd = [sys.executable, __file__, "--child", str(t), "--reps", str(args.reps),
+               "--prompt-tokens", str(args.prompt_tokens), "--new-tokens", str(args.new_tokens),
+               *(["--etdump"] if etdump else []), *[str(named[n]) for n in order]]
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+        if proc.returncode:
+            raise SystemExit(f"child failed:\n{proc.stderr[-3000:]}")
+        data = json.loads(proc.stdout.strip().splitlines()[-1])
+        return {n: data[str(named[n])] for n in order}
+
+    samples: dict[tuple[str, int], list] = {(n, t): [] for n in named for t in threads}
+    names = list(named)
+    for r in range(args.runs):
+        for t in (threads if r % 2 == 0 else threads[::-1]):
+            order = names if r % 2 == 0 else names[::-1]
+            for n, rs in spawn(t, order, False).items():
+                samples[(n, t)].extend(rs)
+    print(f"programs (our exporter at commit {commit}{' + uncommitted changes' if dirty else ''}):")
+    for n, p in named.items():
+        print(f"  {n}: {p}")
+    print(f"prompt {args.prompt_tokens}, {args.new_tokens} new tokens, greedy, bare runtime loop, "
+          f"{args.runs} rounds x {args.reps} runs, medians")
+    print(f"{'program':28}{'threads':>8}{'prefill tok/s':>15}{'decode tok/s':>14}")
+    med = {}
+    for (n, t), rs in samples.items():
+        med[(n, t)] = (statistics.median(x[0] for x in rs), statistics.median(x[1] for x in rs))
+        print(f"{n:28}{t:>8}{med[(n, t)][0]:>15.1f}{med[(n, t)][1]:>14.1f}")
+    if "peer" in named:
+        for t in threads:
+            o, p = med[("ours", t)], med[("peer", t)]
+            print(f"ours/peer at {t} thread(s): prefill {o[0] / p[0]:.2f}x, decode {o[1] / p[1]:.2f}x")
+    if args.etdump:
+        print("ETDump, per decode token (32 steps after a 128-token prompt; ms unless noted):")
+        for t in threads:
+            for n, row in spawn(t, names, True).items():
+                print(f"  {n} @ {t} thread(s): {json.dumps(row)}")
+
+
+if __name__ == "__main__":
+    main()
