@@ -44,15 +44,16 @@ def prompt_ids(tokenizer, n: int) -> torch.Tensor:
 
 def bench_bare_loop(program, ids, new_tokens):
     """The floor: prefill + greedy decode straight on the runtime, no generate() machinery."""
-    t0 = time.perf_counter()
-    logits = program.forward(ids, 0)
-    token = int(logits.argmax())
-    t1 = time.perf_counter()
-    pos = ids.shape[1]
-    for _ in range(new_tokens - 1):
-        token = int(program.decode(token, pos, copy=False).argmax())
-        pos += 1
-    t2 = time.perf_counter()
+    with program.lock:  # the program's callers hold it (decode refills shared input tensors)
+        t0 = time.perf_counter()
+        logits = program.forward(ids, 0)
+        token = int(logits.argmax())
+        t1 = time.perf_counter()
+        pos = ids.shape[1]
+        for _ in range(new_tokens - 1):
+            token = int(program.decode(token, pos, copy=False).argmax())
+            pos += 1
+        t2 = time.perf_counter()
     return ids.shape[1] / (t1 - t0), (new_tokens - 1) / (t2 - t1), t1 - t0, new_tokens
 
 

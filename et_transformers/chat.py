@@ -180,13 +180,26 @@ class ChatSession:
                 on_finish=lambda stats, new: finished.append((stats, new)),
                 **options,
             )
+            program = self.model.program
+            last = failed = None
             try:
-                yield from records
+                for record in records:
+                    last = program.executions  # what this turn has run so far
+                    yield record
+            except GeneratorExit:
+                raise
+            except BaseException:
+                failed = True
+                raise
             finally:
                 records.close()
                 if finished:
                     stats, new = finished[0]
                     self._finish_turn(messages, ids, new, cached, stats)
+                    if failed or program.executions != last:
+                        # The turn broke off, or something else ran the program while it was
+                        # paused: the cache no longer holds this conversation; re-read it next turn.
+                        self._cached, self._executions = [], -1
 
     def _prepare_turn(self, text: str, generation_kwargs: dict[str, Any]):
         """``(messages with the new one, their token ids, this turn's generate() options)``."""

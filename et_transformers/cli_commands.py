@@ -44,7 +44,8 @@ def _native_stderr_muted():
 
     Python's ``sys.stderr`` writes to the same descriptor: keep the block to native calls.
     """
-    sys.stderr.flush()
+    if sys.stderr is not None:
+        sys.stderr.flush()
     saved = os.dup(2)
     try:
         with open(os.devnull, "wb") as null:

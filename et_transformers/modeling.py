@@ -99,13 +99,22 @@ class ETModelForCausalLM:
         self._config = config
         self.generation_config = generation_config or GenerationConfig()
         drop_refused_fields(self.generation_config, f"{program.path.parent}/generation_config.json")
-        self.tokenizer = tokenizer
         self.export_config = export_config
         self.manifest = manifest
         self.stats = stats or GenerationStats()
         raw = config.to_dict() if config is not None else _read_config_dict(program.path.parent)
         weight_bytes = manifest.weight_bytes_per_token if manifest is not None else None
         self._generator = Generator(program, raw.get("max_position_embeddings"), tokenizer, weight_bytes)
+
+    @property
+    def tokenizer(self):
+        """The model's tokenizer (``None`` when its checkpoint had none). Setting it gives one to a
+        model exported without: ``generate(stop_strings=...)``, streamed text and chat use it."""
+        return self._generator.tokenizer
+
+    @tokenizer.setter
+    def tokenizer(self, value) -> None:
+        self._generator.tokenizer = value
 
     @property
     def config(self):

@@ -112,16 +112,37 @@ class ProgramLock:
     def __init__(self):
         self._lock = threading.Lock()
         self._owner: int | None = None
+        self._paused_by: int | None = None  # the thread that last ran the paused stream holding us
         self._holds = 0
 
     def acquire(self) -> None:
-        """Wait until no other thread holds the program, then hold it (again, if this thread does)."""
+        """Wait until no other thread holds the program, then hold it (again, if this thread does).
+
+        Raises:
+            RuntimeError: this thread paused a stream that holds the program (running the model
+                now would overwrite the KV cache the stream resumes from; waiting would never end).
+        """
         me = threading.get_ident()
         if self._owner == me:
             self._holds += 1
             return
+        if self._paused_by == me:
+            raise RuntimeError(
+                "this model is held by a paused stream_generate() / ChatSession.stream() iteration of "
+                "this thread: finish or close() that stream before running the model again, or load a "
+                "second model object for parallel work."
+            )
         self._lock.acquire()
         self._owner, self._holds = me, 1
+
+    def pause(self) -> None:
+        """A stream holding the program yields: until :meth:`resume`, its hold belongs to no thread,
+        so whichever thread resumes it runs alone and every other caller waits."""
+        self._paused_by, self._owner = self._owner, None
+
+    def resume(self) -> None:
+        """The paused stream runs again, on the calling thread."""
+        self._owner, self._paused_by = threading.get_ident(), None
 
     def release(self) -> None:
         """Give back one hold; the program is free when every hold is given back.
@@ -133,7 +154,7 @@ class ProgramLock:
             raise RuntimeError("release() of a ProgramLock that nobody holds.")
         self._holds -= 1
         if self._holds == 0:
-            self._owner = None
+            self._owner = self._paused_by = None
             self._lock.release()
 
     def __enter__(self) -> "ProgramLock":

@@ -193,7 +193,7 @@ def _records(generator, plan_, t_start, cached_prefix, logprobs, top_k, tokenize
                 if text is not None:
                     delta = text.add(token) + (text.finish(finish == "stop_string") if finish else "")
                 elapsed = time.perf_counter() - t_first
-                yield GenerationResponse(
+                record = GenerationResponse(
                     token=token,
                     text=delta,
                     logprob=logprob,
@@ -204,6 +204,13 @@ def _records(generator, plan_, t_start, cached_prefix, logprobs, top_k, tokenize
                     generation_tokens_per_s=(len(new) - 1) / elapsed if len(new) > 1 and elapsed > 0 else None,
                     finish_reason=finish,
                 )
+                # While the consumer has the record, the hold is nobody's: whichever thread
+                # resumes the stream runs it alone; this thread cannot run the model meanwhile.
+                generator.program.lock.pause()
+                try:
+                    yield record
+                finally:
+                    generator.program.lock.resume()
         finally:
             steps.close()  # adds its decode time to the stats
             if on_finish is not None:

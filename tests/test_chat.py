@@ -107,3 +107,26 @@ def test_a_stream_closed_early_keeps_the_reply_so_far(cli_model):
     chat.send("And then?")
     assert chat.stats.extra["cached_tokens"] > 0
     assert chat.reply_ids == full_history_reply(cli_model, chat)
+
+
+def test_a_streamed_turn_that_fails_midway_is_not_trusted_by_the_next_turn(cli_model):
+    from transformers import LogitsProcessor, LogitsProcessorList
+
+    class FailOnThirdStep(LogitsProcessor):
+        def __init__(self):
+            self.calls = 0
+
+        def __call__(self, input_ids, scores):
+            self.calls += 1
+            if self.calls == 3:
+                raise ValueError("processor failed")
+            return scores
+
+    chat = ChatSession(cli_model, **GREEDY)
+    chat.send("What is the capital of France?")
+    stream = chat.stream("And of Italy?", logits_processor=LogitsProcessorList([FailOnThirdStep()]))
+    with pytest.raises(ValueError, match="processor failed"):
+        list(stream)
+    chat.send("And of Spain?")
+    assert chat.stats.extra["cached_tokens"] == 0  # re-read: the broken turn's cache is not reused
+    assert chat.reply_ids == full_history_reply(cli_model, chat)

@@ -71,3 +71,34 @@ def test_an_abandoned_stream_releases_the_model_when_collected(et):
     worker.start()
     worker.join(timeout=60)
     assert done.is_set()
+
+
+def test_a_stream_resumed_on_another_thread_keeps_the_model_from_the_thread_that_started_it(et):
+    """A web server's pool may start a stream on one worker and resume it on another; the first
+    worker's next call must wait for the stream, not run beside it (it owned the hold once)."""
+    prompt, other_prompt = torch.tensor([[5, 9, 11]]), torch.tensor([[7, 8]])
+    expected = [r.token for r in et.stream_generate(prompt, max_new_tokens=8, eos_token_id=None)]
+    other = et.generate(other_prompt, max_new_tokens=3, do_sample=False)
+    shared, got, done = {}, [], {}
+    started, resumed = threading.Event(), threading.Event()
+
+    def first_worker():
+        shared["stream"] = et.stream_generate(prompt, max_new_tokens=8, eos_token_id=None)
+        got.append(next(shared["stream"]).token)
+        started.set()
+        resumed.wait(30)
+        done["out"] = et.generate(other_prompt, max_new_tokens=3, do_sample=False)
+
+    a = threading.Thread(target=first_worker)
+    a.start()
+    assert started.wait(30)
+    b = threading.Thread(target=lambda: got.append(next(shared["stream"]).token))
+    b.start()
+    b.join(30)
+    resumed.set()
+    a.join(timeout=1.0)
+    assert a.is_alive(), "the first worker ran the model while the stream it started was open"
+    got.extend(r.token for r in shared["stream"])  # resumed on this thread, to the end
+    a.join(60)
+    assert got == expected
+    assert torch.equal(done["out"], other)

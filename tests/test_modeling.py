@@ -220,6 +220,18 @@ def test_tokenizer_can_be_passed_as_an_object_or_a_path(no_tokenizer, tiny_llama
     assert from_pte.tokenizer.chat_template == tiny.CHAT_TEMPLATE
 
 
+def test_a_tokenizer_set_later_is_the_one_generation_uses(no_tokenizer):
+    import tiny
+
+    folder, cache, _ = no_tokenizer
+    model = ETModelForCausalLM.from_pretrained(folder, cache_dir=cache, recipe="xnnpack-fp32", max_seq_len=32)
+    assert model.tokenizer is None
+    model.tokenizer = tiny.make_tokenizer()  # what the TokenizerError's advice says to do
+    out = model.generate(torch.tensor([[5, 9]]), max_new_tokens=4, stop_strings=["the"])
+    assert out.shape[1] <= 6
+    assert all(r.text is not None for r in model.stream_generate(torch.tensor([[5, 9]]), max_new_tokens=3))
+
+
 def test_cli_generate_on_text_without_tokenizer_is_a_one_line_tokenizer_error(no_tokenizer):
     from conftest import run_cli
 
