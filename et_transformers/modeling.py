@@ -630,8 +630,9 @@ class ETModelForCausalLM:
         same numbers). Pull-based: the program runs only while you iterate. From its first record
         until it ends, the stream holds the model (other threads' calls wait): an unfinished stream
         keeps holding it until it is closed (``close()``, or leaving a ``with
-        contextlib.closing(...)`` block) or garbage collected. Running the model from the same
-        thread while a stream is paused makes the stream's next step raise ``RuntimeError``.
+        contextlib.closing(...)`` block) or garbage collected. A paused stream may be resumed
+        from any thread; the thread that paused it gets ``RuntimeError`` if it calls the model
+        before finishing or closing the stream (the call would overwrite the stream's cache).
 
         Example::
 
