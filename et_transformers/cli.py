@@ -107,6 +107,10 @@ def _add_sampling_options(p: argparse.ArgumentParser, max_new_tokens: int = 128)
     g.add_argument("--min-p", type=float, help="drop tokens below min-p x the top probability")
     g.add_argument("--repetition-penalty", type=float, help="penalise tokens already in the text")
     g.add_argument("--seed", type=int, help="torch.manual_seed before sampling")
+    g.add_argument("--prompt-lookup", type=int, metavar="N",
+                   help="assisted generation: draft up to N tokens by n-gram lookup in the text so far")
+    g.add_argument("--draft", metavar="MODEL",
+                   help="assisted generation: a smaller model (same tokenizer) drafting for this one")
 
 
 _SIZE_UNITS = {"": 1, "k": 2**10, "m": 2**20, "g": 2**30, "t": 2**40}

@@ -91,6 +91,14 @@ def _generation_kwargs(args: argparse.Namespace) -> dict:
     for name in ("temperature", "top_k", "top_p", "min_p", "repetition_penalty"):
         if getattr(args, name) is not None:
             kwargs[name] = getattr(args, name)
+    if getattr(args, "prompt_lookup", None) is not None:
+        kwargs["prompt_lookup_num_tokens"] = args.prompt_lookup
+    if getattr(args, "draft", None):
+        from .modeling import ETModelForCausalLM
+
+        kwargs["assistant_model"] = ETModelForCausalLM.from_pretrained(
+            args.draft, trust_remote_code=getattr(args, "trust_remote_code", False)
+        )
     if args.seed is not None:
         import torch
 

@@ -73,6 +73,14 @@ KV_CACHE_DTYPES: tuple[str | None, ...] = (None, "int8")
 #: What ``forward`` returns: the last position's logits, or every position's (evaluation programs).
 LOGITS_MODES: tuple[str, ...] = ("last", "all")
 
+#: Default of :attr:`ExportConfig.verify_tokens`: how many trailing positions' logits ``forward``
+#: returns, so one call scores a whole draft of assisted generation (``verify_tokens - 1`` drafted
+#: tokens after the last accepted one). Decode steps still compute one row of logits.
+DEFAULT_VERIFY_TOKENS = 8
+
+#: Largest ``verify_tokens``: past it the logits output alone grows to megabytes per call.
+MAX_VERIFY_TOKENS = 64
+
 #: Largest context we let a program be built for; beyond it the static KV cache alone is gigabytes.
 MAX_SEQ_LEN_LIMIT = 131072
 
@@ -173,6 +181,11 @@ class ExportConfig:
             token and head and runs ExecuTorch's ``llama.custom_quantized_sdpa``.
         logits: ``"last"`` (default): ``forward`` returns the last position's logits, which is all
             generation needs; ``"all"``: every position's, for evaluation (perplexity) programs.
+        verify_tokens: with ``logits="last"``, ``forward`` returns the logits of the last
+            ``min(S, verify_tokens)`` positions (``[1, min(S, k), vocab]``), so assisted generation
+            verifies ``k - 1`` drafted tokens in one call; ``1`` builds the ``[1, vocab]`` program
+            of earlier versions. Defaults (:data:`AUTO`) to :data:`DEFAULT_VERIFY_TOKENS`; setting
+            it with ``logits="all"`` raises (every position is returned already).
 
     Raises:
         InvalidConfigError: a field has a value outside the accepted set (the message lists it), a
@@ -190,6 +203,7 @@ class ExportConfig:
     qembedding_group_size: int | None = None
     kv_cache_dtype: str | None = None
     logits: str = "last"
+    verify_tokens: int | str | None = AUTO
 
     def __post_init__(self) -> None:
         # What the caller asked for, before AUTO is resolved: replace() starts from it.
@@ -240,8 +254,29 @@ class ExportConfig:
             raise InvalidConfigError(f"logits={self.logits!r} is not valid; use one of {list(LOGITS_MODES)}.")
         _check_group_size("qlinear_group_size", self.qlinear_group_size)
         _check_group_size("qembedding_group_size", self.qembedding_group_size)
+        self._resolve_verify_tokens()
         self._resolve_quantization()
         _check_backend_support(self)
+
+    def _resolve_verify_tokens(self) -> None:
+        k = self.verify_tokens
+        if self.logits == "all":
+            if k not in (AUTO, None):
+                raise _NoEffectError(
+                    "verify_tokens",
+                    f"verify_tokens={k!r} has no effect with logits='all': forward already returns every "
+                    f"position's logits. Leave it out.",
+                )
+            object.__setattr__(self, "verify_tokens", None)
+            return
+        if k == AUTO:
+            k = DEFAULT_VERIFY_TOKENS
+        if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= MAX_VERIFY_TOKENS:
+            raise InvalidConfigError(
+                f"verify_tokens={k!r} is not valid: it must be an integer from 1 to {MAX_VERIFY_TOKENS} "
+                f"(positions whose logits one forward call returns; 1 for the last position only)."
+            )
+        object.__setattr__(self, "verify_tokens", k)
 
     def _resolve_quantization(self) -> None:
         """Resolve :data:`AUTO`; raise :class:`_NoEffectError` for a value nothing would use."""
@@ -318,6 +353,8 @@ class ExportConfig:
             InvalidConfigError: unknown keys, or a value that is not valid.
         """
         data = dict(data)
+        if "verify_tokens" not in data:  # written before programs verified drafts: last position only
+            data["verify_tokens"] = None if data.get("logits") == "all" else 1
         for _ in range(len(dataclasses.fields(cls)) + 1):
             try:
                 return cls().replace(**data)
@@ -376,8 +413,9 @@ def recipe(name: str, **overrides: Any) -> ExportConfig:
 
 
 def recipe_name(export_config: ExportConfig) -> str | None:
-    """The named recipe ``export_config`` is (at its own context length), or ``None``."""
+    """The named recipe ``export_config`` is (at its own context length and ``verify_tokens``), or ``None``."""
+    mine = {**export_config.to_dict(), "verify_tokens": None}
     for name in RECIPES:
-        if recipe(name, max_seq_len=export_config.max_seq_len) == export_config:
+        if {**recipe(name, max_seq_len=export_config.max_seq_len).to_dict(), "verify_tokens": None} == mine:
             return name
     return None

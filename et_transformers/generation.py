@@ -24,6 +24,7 @@ import torch
 
 from transformers.generation import stopping_criteria as sc
 
+from .assisted import make_proposer
 from .planning import GenerationPlan, plan
 from .runtime import Program
 
@@ -49,7 +50,11 @@ class GenerationStats:
         weight_bytes_per_token: bytes of weights one decode step reads, from the program's manifest
             (``None`` without one).
         decode_bandwidth_gb_s: achieved weight bandwidth of decoding,
-            ``weight_bytes_per_token * decode_tokens_per_s / 1e9`` (as gpt-fast reports it).
+            ``weight_bytes_per_token * decode_tokens_per_s / 1e9`` (as gpt-fast reports it; with
+            assisted generation, the rate tokens appear at, which may exceed what one token per
+            weight read allows).
+        drafted_tokens: tokens proposed by assisted generation (prompt lookup or a draft model).
+        accepted_tokens: drafted tokens the target model chose itself (each saved one decode step).
         extra: anything else a caller measured (e.g. per-phase profile times).
     """
 
@@ -66,7 +71,14 @@ class GenerationStats:
     peak_rss_bytes: int = 0
     weight_bytes_per_token: int | None = None
     decode_bandwidth_gb_s: float | None = None
+    drafted_tokens: int = 0
+    accepted_tokens: int = 0
     extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def acceptance_rate(self) -> float | None:
+        """``accepted_tokens / drafted_tokens``, or None when nothing was drafted."""
+        return self.accepted_tokens / self.drafted_tokens if self.drafted_tokens else None
 
     def as_dict(self) -> dict[str, Any]:
         """The stats as a plain dict."""
@@ -83,6 +95,10 @@ class GenerationStats:
             parts.append(f"decode {self.decode_tokens_per_s:.1f} tok/s")
         if self.decode_bandwidth_gb_s:
             parts.append(f"weights {self.decode_bandwidth_gb_s:.2f} GB/s")
+        if self.drafted_tokens:
+            parts.append(
+                f"drafted {self.drafted_tokens}, accepted {self.accepted_tokens} ({self.acceptance_rate:.0%})"
+            )
         parts.append(f"peak RSS {self.peak_rss_bytes / 2**20:.0f} MiB")
         return ", ".join(parts)
 
@@ -296,6 +312,12 @@ class Generator:
         The last step carries the finish reason. ``stats`` is updated as the loop runs (its
         ``decode_time`` when the loop ends or is closed).
 
+        With assisted generation (``prompt_lookup_num_tokens`` or ``assistant_model``), the logits
+        after a token may come from the call that verified a draft: each drafted token the target
+        chooses itself (greedy or sampled, through the same processors) saves a decode step, and
+        the first one it does not choose ends the draft. Steps, processors, criteria and
+        streamers see exactly what they would see without assistance.
+
         Raises:
             RuntimeError: something else ran the program while the loop was paused between steps
                 (its KV cache then holds other tokens).
@@ -307,6 +329,13 @@ class Generator:
         # step, so the decode loop may read them in place (see Program.decode's ``copy``).
         copy_logits = simple_stop is None or not all(_is_transformers_own(p) for p in processors)
         program = self.program
+        eos_ids = gc.eos_token_id if isinstance(gc.eos_token_id, (list, tuple)) else [gc.eos_token_id]
+        proposer = make_proposer(
+            gc, program, plan_.assistant, processors, [e for e in eos_ids if e is not None], plan_.input_ids.shape[0]
+        )
+        verify_width = program.metadata.verify_tokens
+        drafted: list[tuple[int, torch.Tensor]] = []  # (drafted token, logits after it), not yet chosen
+        last_draft = 0  # size of the draft being consumed (for the proposer's schedule)
         prompt = plan_.input_ids[b : b + 1]  # [1, L], left padding included (what transformers' row holds)
         tokens = prompt[0][plan_.attention_mask[b].bool()].unsqueeze(0)  # [1, n]
         context = program.metadata.max_context_len
@@ -331,6 +360,8 @@ class Generator:
                 ids_buffer[0, length] = token
                 length += 1
                 stats.generated_tokens += 1
+                accepted = bool(drafted) and drafted[0][0] == token  # the target chose the drafted token
+                stats.accepted_tokens += accepted
                 if t_first is None:
                     t_first = time.perf_counter()
                     if stats.time_to_first_token is None:
@@ -352,7 +383,26 @@ class Generator:
                         "stopping criterion running the model), so its KV cache no longer holds this "
                         "sequence. Finish or close a stream before running the model again."
                     )
-                if pos == rebuild_at:
+                if accepted:
+                    logits = drafted.pop(0)[1]  # the verify call already ran this token at pos
+                    pos += 1
+                    continue
+                if proposer is not None and last_draft:
+                    proposer.feedback(last_draft, last_draft - len(drafted))
+                drafted, last_draft = [], 0
+                draft = []
+                if proposer is not None:
+                    limit = min(verify_width - 1, context - pos - 1, gc.max_length - length)
+                    if rebuild_at is not None and pos <= rebuild_at:
+                        limit = min(limit, rebuild_at - pos - 1)  # never verify across the rebuild
+                    draft = proposer.propose(ids_buffer[0, :length].tolist(), limit) if limit > 0 else []
+                if draft:
+                    rows = program.verify([token, *draft], pos)  # [1 + n, V]: after token, after each draft
+                    stats.drafted_tokens += len(draft)
+                    logits = rows[:1]
+                    drafted = [(d, rows[i + 1 : i + 2]) for i, d in enumerate(draft)]
+                    last_draft = len(draft)
+                elif pos == rebuild_at:
                     # This call takes the sequence past the program's cache_rebuild_len: like
                     # transformers' generate(), run the whole sequence again (see runtime.ProgramMetadata).
                     logits = self.prefill(torch.cat([tokens, ids_buffer[:, prompt.shape[-1] : length]], dim=1))

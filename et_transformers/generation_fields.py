@@ -48,6 +48,10 @@ SUPPORTED_FIELDS = (
     "bos_token_id",
     "stop_strings",
     "max_time",
+    "prompt_lookup_num_tokens",
+    "max_matching_ngram_size",
+    "num_assistant_tokens",
+    "num_assistant_tokens_schedule",
 )
 
 #: What ``generate(return_dict_in_generate=True, ...)`` fills, as transformers does.
@@ -73,7 +77,10 @@ REFUSAL_REASONS: dict[str, str] = {
     "num_return_sequences": "generate one sequence per prompt (repeat the prompt for more)",
     "output_attentions": "the program returns logits only",
     "output_hidden_states": "the program returns logits only",
-    "prompt_lookup_num_tokens": "assisted generation is not supported",
+    "assistant_confidence_threshold": "drafts have a fixed length per step (num_assistant_tokens)",
+    "assistant_early_exit": "self-speculation from early layers needs hidden states; the program returns logits only",
+    "assistant_lookbehind": "the assistant shares the tokenizer: no token realignment is needed or done",
+    "target_lookbehind": "the assistant shares the tokenizer: no token realignment is needed or done",
     "watermarking_config": "watermarking is not supported",
     "top_h": "top-h sampling is not supported",
     "encoder_repetition_penalty": "the model has no encoder",

@@ -573,7 +573,15 @@ class ETModelForCausalLM:
                 ``temperature``, ``top_k``, ``top_p``, ``min_p``, ``repetition_penalty``,
                 ``eos_token_id``, ``stop_strings``, ``max_time``, ``return_dict_in_generate``,
                 ``output_scores``, ``output_logits``...) and ``tokenizer`` (for ``stop_strings``).
-                Unknown or unsupported keywords raise ``ValueError``.
+                Unknown or unsupported keywords raise ``ValueError``. Assisted generation, as in
+                transformers: ``prompt_lookup_num_tokens=N`` (with ``max_matching_ngram_size``)
+                drafts by n-gram lookup in the text so far; ``assistant_model=`` another
+                ``ETModelForCausalLM`` with the same tokenizer drafts (``num_assistant_tokens``,
+                ``num_assistant_tokens_schedule``). Each draft is verified in one program call;
+                the output is exactly what the call gives without assistance (greedy: the same
+                tokens; sampling: the same distribution), and ``stats`` counts drafted and
+                accepted tokens. One prompt at a time; at most ``verify_tokens - 1`` drafted
+                tokens per step (see ``ExportConfig``).
 
         Returns:
             LongTensor ``[batch, seq + new]``: prompts followed by new tokens, padded with

@@ -42,6 +42,7 @@ class GenerationPlan:
             hold per-row state, e.g. the repetition penalty's padding length).
         stopping_criteria: the stopping criteria.
         pad_token_id: what fills a row after it stopped.
+        assistant: ``assistant_model`` (another ``ETModelForCausalLM``) drafting for the call, if any.
     """
 
     input_ids: torch.Tensor
@@ -50,6 +51,7 @@ class GenerationPlan:
     logits_processors: list[lp.LogitsProcessorList]
     stopping_criteria: sc.StoppingCriteriaList
     pad_token_id: int
+    assistant: Any = None
 
 
 def merge_config(default: GenerationConfig, generation_config: GenerationConfig | None, kwargs: dict[str, Any]):
@@ -320,6 +322,7 @@ def plan(
     Raises:
         ValueError: see ``ETModelForCausalLM.generate``.
     """
+    assistant = kwargs.pop("assistant_model", None)
     gc, user = merge_config(default_generation_config, generation_config, kwargs)
     input_ids = check_input_ids(input_ids, vocab_size)
     prompt_len = input_ids.shape[-1]
@@ -334,4 +337,4 @@ def plan(
     processors = [build_logits_processors(gc, eos, prompt_len, mask[b], custom_processors) for b in range(len(mask))]
     custom_criteria = stopping_criteria if stopping_criteria is not None else sc.StoppingCriteriaList()
     criteria = build_stopping_criteria(gc, eos, custom_criteria, tokenizer, max_pos)
-    return GenerationPlan(input_ids, mask, gc, processors, criteria, int(pad) if pad is not None else 0)
+    return GenerationPlan(input_ids, mask, gc, processors, criteria, int(pad) if pad is not None else 0, assistant)

@@ -79,6 +79,9 @@ class ProgramMetadata:
         n_layers: decoder layers.
         use_kv_cache: whether ``forward`` takes cache positions.
         enable_dynamic_shape: whether ``forward`` accepts any prompt length up to ``max_seq_len``.
+        verify_tokens: how many trailing positions' logits ``forward`` returns (``get_verify_tokens``;
+            1 for programs that return the last position only): one call verifies
+            ``verify_tokens - 1`` drafted tokens.
         all_logits: whether ``forward`` returns every position's logits (an evaluation program)
             rather than the last position's.
         cache_rebuild_len: when a sequence first grows past this many tokens, the KV cache must
@@ -95,6 +98,7 @@ class ProgramMetadata:
     use_kv_cache: bool
     enable_dynamic_shape: bool
     all_logits: bool = False
+    verify_tokens: int = 1
     cache_rebuild_len: int | None = None
 
 
@@ -223,6 +227,8 @@ class Program:
         eos = get("get_eos_ids", ())
         eos = (eos,) if isinstance(eos, int) else tuple(int(e) for e in eos)
         max_seq_len = int(get("get_max_seq_len", 128))
+        verify_tokens = int(get("get_verify_tokens", 1))
+        rank = len(self._module.method_meta("forward").output_tensor_meta(0).sizes())
         return ProgramMetadata(
             max_seq_len=max_seq_len,
             max_context_len=int(get("get_max_context_len", max_seq_len)),
@@ -232,7 +238,8 @@ class Program:
             n_layers=int(get("get_n_layers", -1)),
             use_kv_cache=bool(get("use_kv_cache", True)),
             enable_dynamic_shape=bool(get("enable_dynamic_shape", False)),
-            all_logits=len(self._module.method_meta("forward").output_tensor_meta(0).sizes()) == 3,
+            all_logits=rank == 3 and "get_verify_tokens" not in self.method_names,
+            verify_tokens=verify_tokens,
             cache_rebuild_len=(int(get("get_cache_rebuild_len", 0)) or None),
         )
 
@@ -309,6 +316,27 @@ class Program:
         except RuntimeError as e:
             raise self._failed(e, 1, pos) from e
         return logits[:, -1] if logits.dim() == 3 else logits
+
+    def verify(self, token_ids: list[int], pos: int) -> torch.Tensor:
+        """Run ``token_ids`` at positions ``pos ..``; return the logits after each, ``[n, vocab]``.
+
+        One call scores a draft of assisted generation: row ``i`` holds the logits for the
+        position after ``token_ids[i]``. Positions the caller later rejects are simply written
+        over by the next call, whose cache position decides what is valid.
+
+        Raises:
+            ValueError: more tokens than the program's ``verify_tokens`` (or its ``max_seq_len``),
+                positions past the context, or ids outside the vocabulary.
+        """
+        k = self.metadata.verify_tokens
+        if len(token_ids) > k:
+            raise ValueError(
+                f"{len(token_ids)} tokens to verify exceed the program's verify_tokens={k} (forward "
+                f"returns the logits of its last {k} positions). Draft at most {k - 1} tokens, or "
+                f"export with ExportConfig(verify_tokens=...) set higher."
+            )
+        logits = self._run(torch.tensor([token_ids], dtype=torch.long), pos)
+        return logits[0] if logits.dim() == 3 else logits  # [n, V]
 
     def forward_all(self, input_ids: torch.Tensor, start_pos: int) -> torch.Tensor:
         """Like :meth:`forward` but returns every position's logits ``[1, S, vocab]``.

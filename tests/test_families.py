@@ -64,6 +64,19 @@ def exported(tmp_path_factory):
 
 
 @pytest.mark.parametrize("case", list(tiny.FAMILY_CASES))
+def test_prompt_lookup_greedy_matches_transformers(case, exported):
+    """Assisted by prompt lookup (drafts verified in one call), greedy output is eager greedy's."""
+    model, et_model = exported(case)
+    prompt = prompt_of(10).repeat(1, 3)  # repeats: the lookup finds drafts
+    expected = eager_greedy(model, prompt)
+    got = et_model.generate(
+        prompt, max_new_tokens=NEW_TOKENS, do_sample=False, eos_token_id=None, prompt_lookup_num_tokens=4
+    )
+    assert got[0, prompt.shape[-1]:].tolist() == expected, case
+    assert et_model.stats.drafted_tokens > 0, f"{case}: nothing was drafted; the test proves nothing"
+
+
+@pytest.mark.parametrize("case", list(tiny.FAMILY_CASES))
 def test_greedy_matches_transformers(case, exported):
     model, et_model = exported(case)
     for length in PROMPT_LENGTHS:

@@ -176,7 +176,11 @@ class Exporter:
             model = apply_builtin_transforms(model)
             cfg = self.export_config
             self.module = ExportableCausalLM(
-                model, cfg.max_seq_len, kv_cache_dtype=cfg.kv_cache_dtype, logits=cfg.logits
+                model,
+                cfg.max_seq_len,
+                kv_cache_dtype=cfg.kv_cache_dtype,
+                logits=cfg.logits,
+                verify_tokens=cfg.verify_tokens or 1,
             ).eval()
         return self
 
@@ -259,6 +263,8 @@ class Exporter:
         rebuild = cache_rebuild_length(loaded.architecture, config, self.export_config.max_seq_len)
         # Our own method (ExecuTorch's runner ignores it): see Architecture.rebuilds_cache_past_original_context.
         extra = {} if rebuild is None else {"get_cache_rebuild_len": rebuild}
+        if self.export_config.verify_tokens:  # ours too: how many trailing positions forward returns
+            extra["get_verify_tokens"] = self.export_config.verify_tokens
         return {
             "get_max_seq_len": self.export_config.max_seq_len,
             "get_max_context_len": self.export_config.max_seq_len,

@@ -1,13 +1,16 @@
-"""The exportable module: ``forward(input_ids[1, S], cache_position[S]) -> logits[1, vocab]``.
+"""The exportable module: ``forward(input_ids[1, S], cache_position[S]) -> logits[1, min(S, k), vocab]``.
 
 :class:`ExportableCausalLM` wraps a transformers causal LM whose attention is the custom SDPA
 (:mod:`.attention`), owns one key and one value buffer per attention layer (registered as module
 buffers so ``torch.export`` makes them the program's mutable state), and returns the logits of
-the last position only: prefill never materialises ``[S, vocab]`` logits nobody reads.
+the last ``k`` positions only (``verify_tokens``; ``[1, vocab]`` when it is 1): prefill never
+materialises ``[S, vocab]`` logits nobody reads, a decode step computes one row, and one call
+scores a whole draft of assisted generation.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import Iterable
 
@@ -69,19 +72,26 @@ class ExportableCausalLM(nn.Module):
         max_seq_len: positions in the KV cache (the whole context).
         kv_cache_dtype: ``None`` to cache keys/values in the model's dtype, ``"int8"`` to quantize
             them per token and head (see :mod:`.attention`).
-        logits: ``"last"`` (default) returns the last position's logits, ``"all"`` every position's
+        logits: ``"last"`` (default) returns the last positions' logits, ``"all"`` every position's
             (an evaluation program: ``[1, S, vocab]``).
+        verify_tokens: with ``logits="last"``, how many trailing positions' logits to return.
 
     ``forward(input_ids, cache_position)`` takes ``input_ids`` ``[1, S]`` (int64) and
     ``cache_position`` ``[S]`` (int64, consecutive, starting at the number of tokens already in the
-    cache) and returns float32 logits ``[1, vocab]`` for the last position (``[1, S, vocab]`` with
-    ``logits="all"``).
+    cache) and returns float32 logits ``[1, min(S, verify_tokens), vocab]`` (``[1, vocab]`` when
+    ``verify_tokens`` is 1, ``[1, S, vocab]`` with ``logits="all"``).
     """
 
     def __init__(
-        self, model: nn.Module, max_seq_len: int, kv_cache_dtype: str | None = None, logits: str = "last"
+        self,
+        model: nn.Module,
+        max_seq_len: int,
+        kv_cache_dtype: str | None = None,
+        logits: str = "last",
+        verify_tokens: int = 1,
     ):
         super().__init__()
+        self.verify_tokens = verify_tokens
         self.model = model
         self.max_seq_len = max_seq_len
         self.kv_cache_dtype = kv_cache_dtype
@@ -152,7 +162,7 @@ class ExportableCausalLM(nn.Module):
         return StaticKVCache(layers)
 
     def forward(self, input_ids: torch.Tensor, cache_position: torch.Tensor) -> torch.Tensor:
-        """Run ``input_ids`` at ``cache_position``; return last-position logits ``[1, vocab]``."""
+        """Run ``input_ids`` at ``cache_position``; return the last positions' logits (see the class)."""
         # input_ids: [1, S]; cache_position: [S]
         start = cache_position[0].item()
         torch._check(start >= 0)
@@ -160,14 +170,62 @@ class ExportableCausalLM(nn.Module):
         cache = self._cache()
         cache.start_pos = start
         cache.positions = cache_position
-        out = self.model(
-            input_ids=input_ids,
-            position_ids=cache_position.unsqueeze(0),
-            past_key_values=cache,
-            use_cache=True,
-            logits_to_keep=0 if self.all_logits else 1,
-            et_cache=cache,
-        )
-        if self.all_logits:
-            return out.logits.float()  # [1, S, V]
+        keep = 0 if self.all_logits else 1
+        head_swap = contextlib.nullcontext()
+        if not self.all_logits and self.verify_tokens > 1:
+            # The head sees every position and narrows to the last min(S, k) itself: transformers'
+            # negative-start slice (logits_to_keep=k) would make torch.export guard S < k.
+            rows = torch.clamp(cache_position[-1:] - cache_position[:1] + 1, max=self.verify_tokens)
+            keep, head_swap = 0, _narrowed_head(self.model, self.verify_tokens, rows)
+        with head_swap:
+            out = self.model(
+                input_ids=input_ids,
+                position_ids=cache_position.unsqueeze(0),
+                past_key_values=cache,
+                use_cache=True,
+                logits_to_keep=keep,
+                et_cache=cache,
+            )
+        if self.all_logits or self.verify_tokens > 1:
+            return out.logits.float()  # [1, S, V], or [1, min(S, k), V]
         return out.logits[:, -1, :].float()  # [1, V]
+
+
+class _LastRows(nn.Module):
+    """The output head applied to the last ``min(S, k)`` positions of its input only."""
+
+    def __init__(self, head: nn.Module, k: int):
+        super().__init__()
+        self.head = head
+        self.k = k
+
+    rows: torch.Tensor | None = None  # set per call: a one-element tensor holding min(S, k)
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        seq = hidden.shape[1]
+        # An unbacked size (read from a tensor) rather than min(S, k): torch.export would
+        # specialise a derived size on whether it is 1.
+        n = self.rows.item()
+        torch._check(n >= 1)
+        torch._check(n <= self.k)
+        torch._check(n <= seq)
+        return self.head(hidden.narrow(1, seq - n, n))
+
+
+@contextlib.contextmanager
+def _narrowed_head(model: nn.Module, k: int, rows: torch.Tensor):
+    """Inside: ``model``'s output head computes the last ``rows`` (= ``min(S, k)``) positions' logits."""
+    head = model.get_output_embeddings()
+    owner, name = next(
+        (mod, child_name)
+        for mod in model.modules()
+        for child_name, child in mod.named_children()
+        if child is head
+    )
+    narrowed = _LastRows(head, k)
+    narrowed.rows = rows
+    setattr(owner, name, narrowed)
+    try:
+        yield
+    finally:
+        setattr(owner, name, head)
