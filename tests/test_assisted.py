@@ -152,3 +152,15 @@ def test_verify_tokens_config():
     old = ExportConfig().to_dict()
     del old["verify_tokens"]
     assert ExportConfig.from_dict(old).verify_tokens == 1
+
+
+def test_chat_session_takes_assistance(et, draft):
+    from et_transformers import ChatSession
+
+    plain = ChatSession(et, max_new_tokens=12, do_sample=False)
+    assisted_chat = ChatSession(et, max_new_tokens=12, do_sample=False, prompt_lookup_num_tokens=3)
+    drafted_chat = ChatSession(et, max_new_tokens=12, do_sample=False, assistant_model=draft)
+    for text in ("Paris is the capital of", "And Rome?"):
+        expected = plain.send(text)
+        assert assisted_chat.send(text) == expected
+        assert drafted_chat.send(text) == expected

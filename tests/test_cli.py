@@ -46,6 +46,21 @@ def test_generate_streams_the_same_text_as_the_api_and_prints_stats(cli_export, 
     assert re.search(r"TTFT \d+ ms, prefill [\d.]+ tok/s, decode [\d.]+ tok/s", proc.stderr)
 
 
+def test_generate_with_prompt_lookup_and_a_draft_prints_the_plain_text(cli_export, cli_model):
+    out, _ = cli_export
+    prompt = "one two three one two three one two"
+    plain = run_cli("generate", out, prompt, *GREEDY)
+    assisted = run_cli("generate", out, prompt, "--prompt-lookup", "3", "--draft", out, "--stats", *GREEDY)
+    assert assisted.returncode == 2 and "not both" in assisted.stderr  # one kind at a time, said plainly
+    drafted = run_cli("generate", out, prompt, "--draft", out, *GREEDY)
+    assert drafted.returncode == 0, drafted.stderr[-3000:]
+    assert drafted.stdout == plain.stdout
+    lookup = run_cli("generate", out, prompt, "--prompt-lookup", "3", "--stats", *GREEDY)
+    assert lookup.returncode == 0, lookup.stderr[-3000:]
+    assert lookup.stdout == plain.stdout
+    assert re.search(r"drafted \d+, accepted \d+", lookup.stderr)
+
+
 def test_chat_keeps_the_kv_cache_across_turns(cli_export, cli_model):
     out, _ = cli_export
     long_message = "one two three four five six seven eight nine ten " * 20

@@ -206,8 +206,10 @@ class _LastRows(nn.Module):
         # An unbacked size (read from a tensor) rather than min(S, k): torch.export would
         # specialise a derived size on whether it is 1.
         n = self.rows.item()
+        # one range constraint (an aten op): separate checks on n would be combined into an
+        # operator.and_ assertion that ETRecord cannot serialise
+        torch._check_is_size(n, max=self.k)
         torch._check(n >= 1)
-        torch._check(n <= self.k)
         torch._check(n <= seq)
         return self.head(hidden.narrow(1, seq - n, n))
 

