@@ -83,7 +83,6 @@ def lower(
     from executorch.exir import EdgeCompileConfig, to_edge
 
     keep = [torch.ops.aten.linear.default] if partitioners else []
-    _drop_scalar_asserts(exported_program)
     edge = to_edge(
         exported_program,
         constant_methods=constant_methods,
@@ -101,18 +100,3 @@ def lower(
     finally:
         xnnpack_logger.setLevel(previous)
     return edge
-
-
-def _drop_scalar_asserts(exported_program) -> None:
-    """Remove ``aten._assert_scalar`` nodes (and what only fed them) from the graph, in place.
-
-    torch.export turns the range checks on an unbacked size (the verify rows of
-    :mod:`.wrapper`) into such assertions, combined with ``operator.and_``, which ETRecord cannot
-    serialise. The runtime's inputs are checked before every call (``runtime.Program``).
-    """
-    graph = exported_program.graph_module.graph
-    for node in list(graph.nodes):
-        if node.op == "call_function" and node.target is torch.ops.aten._assert_scalar.default:
-            graph.erase_node(node)
-    graph.eliminate_dead_code()
-    exported_program.graph_module.recompile()
