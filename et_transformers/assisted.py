@@ -12,7 +12,10 @@ target's distribution (a drafted token is kept only when the token the target sa
 * :class:`DraftModel` (``assistant_model=``): another loaded program with the same vocabulary,
   with its own KV cache, drafting greedily (or sampling, when the call samples) with the call's
   logits processors; ``num_assistant_tokens`` and transformers' schedules
-  (``"constant"``, ``"heuristic"``, ``"heuristic_transient"``).
+  (``"constant"``, ``"heuristic"``, ``"heuristic_transient"``). When sampling, a drafted token
+  ``d`` is kept by speculative sampling's rule (:func:`speculative_choice`): with probability
+  ``min(1, p(d) / q(d))``, else the token is drawn from ``max(0, p - q)``; the result follows the
+  target's distribution ``p`` exactly and keeps more drafts than comparing samples would.
 
 :func:`make_proposer` validates a call's options against the program and builds one.
 """
@@ -92,6 +95,9 @@ class DraftModel:
         self._cached: list[int] = []  # tokens the assistant's cache holds at positions 0..
         self._executions = -1  # the assistant's execution count after our last call
         self._context = program.metadata.max_context_len
+        #: When sampling: the draft's processed distribution ``[V]`` each token of the last draft
+        #: was sampled from.
+        self.probabilities: list[torch.Tensor] = []
 
     def propose(self, ids: list[int], limit: int) -> list[int]:
         """Up to ``min(num_tokens, limit)`` tokens the assistant would write after ``ids``."""
@@ -117,11 +123,14 @@ class DraftModel:
             logits = self.program.forward(torch.tensor([ids[s : s + step]], dtype=torch.long), s)
         self._cached = list(ids)
         draft: list[int] = []
+        self.probabilities = []
         seq = torch.tensor([ids], dtype=torch.long)
         for i in range(n):
             scores = self.processors(seq, logits) if self.processors else logits
             token = _choose(scores, self.do_sample)
             draft.append(token)
+            if self.do_sample:  # q, for speculative sampling's acceptance test
+                self.probabilities.append(torch.softmax(scores.float(), dim=-1)[0])
             if i + 1 < n:
                 logits = self.program.decode(token, len(self._cached))
                 self._cached.append(token)
@@ -133,6 +142,30 @@ class DraftModel:
         """transformers' schedule: two more after a fully accepted draft, one fewer otherwise."""
         if self.schedule in ("heuristic", "heuristic_transient") and drafted:
             self.num_tokens = self.num_tokens + 2 if accepted == drafted else max(1, self.num_tokens - 1)
+
+
+def speculative_choice(scores: torch.Tensor, draft_token: int, q: torch.Tensor) -> int:
+    """The target's token at a drafted position, by speculative sampling's acceptance rule.
+
+    Args:
+        scores: the target's processed scores ``[1, V]`` there (``p`` is their softmax).
+        draft_token: the token the draft sampled.
+        q: the draft's processed distribution ``[V]`` it was sampled from.
+
+    Returns:
+        ``draft_token`` with probability ``min(1, p(d) / q(d))``; otherwise a sample of the
+        normalised ``max(0, p - q)``, which never is ``draft_token``. Either way the token is
+        distributed as ``p`` (Leviathan et al., 2023; Chen et al., 2023).
+    """
+    p = torch.softmax(scores.float(), dim=-1)[0]
+    if float(torch.rand(())) * float(q[draft_token]) <= float(p[draft_token]):
+        return draft_token
+    residual = (p - q).clamp(min=0)
+    residual[draft_token] = 0  # already 0 unless rounding left a trace
+    total = float(residual.sum())
+    if total <= 0:  # p == q up to rounding: nothing to correct
+        return int(torch.multinomial(p, 1))
+    return int(torch.multinomial(residual / total, 1))
 
 
 def make_proposer(gc, program, assistant: Any, processors, eos_ids, batch: int):
@@ -162,8 +195,8 @@ def make_proposer(gc, program, assistant: Any, processors, eos_ids, batch: int):
     if k < 2:
         raise ValueError(
             f"{program.path} returns the last position's logits only (verify_tokens={k}), so it cannot "
-            f"verify a draft. Export it again (programs built by this version verify "
-            f"ExportConfig.verify_tokens - 1 drafted tokens per call)."
+            f"verify a draft. Export it with ExportConfig(verify_tokens=8) (CLI: --verify-tokens 8) to "
+            f"verify up to 7 drafted tokens per call."
         )
     if lookup is not None:
         if isinstance(lookup, bool) or not isinstance(lookup, int) or not 1 <= lookup <= k - 1:

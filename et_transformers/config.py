@@ -75,8 +75,9 @@ LOGITS_MODES: tuple[str, ...] = ("last", "all")
 
 #: Default of :attr:`ExportConfig.verify_tokens`: how many trailing positions' logits ``forward``
 #: returns, so one call scores a whole draft of assisted generation (``verify_tokens - 1`` drafted
-#: tokens after the last accepted one). Decode steps still compute one row of logits.
-DEFAULT_VERIFY_TOKENS = 8
+#: tokens after the last accepted one). 1 (the last position only) until the cost of the wider
+#: head on every decode step is measured: assisted generation asks for a program built with more.
+DEFAULT_VERIFY_TOKENS = 1
 
 #: Largest ``verify_tokens``: past it the logits output alone grows to megabytes per call.
 MAX_VERIFY_TOKENS = 64
@@ -182,9 +183,10 @@ class ExportConfig:
         logits: ``"last"`` (default): ``forward`` returns the last position's logits, which is all
             generation needs; ``"all"``: every position's, for evaluation (perplexity) programs.
         verify_tokens: with ``logits="last"``, ``forward`` returns the logits of the last
-            ``min(S, verify_tokens)`` positions (``[1, min(S, k), vocab]``), so assisted generation
+            ``verify_tokens`` positions (``[1, k, vocab]``, padding rows when ``S < k``), so assisted generation
             verifies ``k - 1`` drafted tokens in one call; ``1`` builds the ``[1, vocab]`` program
-            of earlier versions. Defaults (:data:`AUTO`) to :data:`DEFAULT_VERIFY_TOKENS`; setting
+            of earlier versions. The head then computes ``k`` rows on every call, decode steps
+            included. Defaults (:data:`AUTO`) to :data:`DEFAULT_VERIFY_TOKENS`; setting
             it with ``logits="all"`` raises (every position is returned already).
 
     Raises:

@@ -24,7 +24,7 @@ import torch
 
 from transformers.generation import stopping_criteria as sc
 
-from .assisted import make_proposer
+from .assisted import make_proposer, speculative_choice
 from .planning import GenerationPlan, plan
 from .runtime import Program
 
@@ -334,7 +334,8 @@ class Generator:
             gc, program, plan_.assistant, processors, [e for e in eos_ids if e is not None], plan_.input_ids.shape[0]
         )
         verify_width = program.metadata.verify_tokens
-        drafted: list[tuple[int, torch.Tensor]] = []  # (drafted token, logits after it), not yet chosen
+        # (drafted token, logits after it, the draft's distribution it was sampled from or None)
+        drafted: list[tuple[int, torch.Tensor, torch.Tensor | None]] = []
         last_draft = 0  # size of the draft being consumed (for the proposer's schedule)
         prompt = plan_.input_ids[b : b + 1]  # [1, L], left padding included (what transformers' row holds)
         tokens = prompt[0][plan_.attention_mask[b].bool()].unsqueeze(0)  # [1, n]
@@ -356,7 +357,10 @@ class Generator:
             while True:
                 ids = ids_buffer[:, :length]
                 scores = processors(ids, logits) if processors else logits
-                token = _choose(scores, do_sample)
+                if drafted and drafted[0][2] is not None:  # a sampled draft token: its q is known
+                    token = speculative_choice(scores, drafted[0][0], drafted[0][2])
+                else:
+                    token = _choose(scores, do_sample)
                 ids_buffer[0, length] = token
                 length += 1
                 stats.generated_tokens += 1
@@ -400,7 +404,8 @@ class Generator:
                     rows = program.verify([token, *draft], pos)  # [1 + n, V]: after token, after each draft
                     stats.drafted_tokens += len(draft)
                     logits = rows[:1]
-                    drafted = [(d, rows[i + 1 : i + 2]) for i, d in enumerate(draft)]
+                    q = getattr(proposer, "probabilities", None) or [None] * len(draft)
+                    drafted = [(d, rows[i + 1 : i + 2], q[i]) for i, d in enumerate(draft)]
                     last_draft = len(draft)
                 elif pos == rebuild_at:
                     # This call takes the sequence past the program's cache_rebuild_len: like

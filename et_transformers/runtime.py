@@ -336,7 +336,7 @@ class Program:
                 f"export with ExportConfig(verify_tokens=...) set higher."
             )
         logits = self._run(torch.tensor([token_ids], dtype=torch.long), pos)
-        return logits[0] if logits.dim() == 3 else logits  # [n, V]
+        return logits[0, -len(token_ids) :] if logits.dim() == 3 else logits  # [n, V]; the rest is padding
 
     def forward_all(self, input_ids: torch.Tensor, start_pos: int) -> torch.Tensor:
         """Like :meth:`forward` but returns every position's logits ``[1, S, vocab]``.

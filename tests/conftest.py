@@ -112,13 +112,13 @@ def run_cli(*args: str, input: str | None = None, env: dict | None = None, timeo
 
 @pytest.fixture(scope="session")
 def cli_export(tiny_llama_dir, tmp_path_factory):
-    """``et-transformers export`` of the tiny Llama (fp32, max_seq_len 128, with an ETRecord).
+    """``et-transformers export`` of the tiny Llama (fp32, max_seq_len 128, verify_tokens 8, with an ETRecord).
 
     Returns ``(folder, completed process)``; the CLI, chat and example tests share this one export.
     """
     out = tmp_path_factory.mktemp("cli-export") / "tiny-fp32"
     proc = run_cli("export", tiny_llama_dir, "-o", out, "--etrecord", "--recipe", "xnnpack-fp32",
-                   "--max-seq-len", "128")
+                   "--max-seq-len", "128", "--verify-tokens", "8")
     assert proc.returncode == 0, proc.stderr[-3000:]
     return out, proc
 

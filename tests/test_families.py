@@ -54,7 +54,8 @@ def exported(tmp_path_factory):
         if case not in done:
             folder = tmp_path_factory.mktemp(case)
             source = tiny.make_model_dir(folder / "source", tiny.FAMILY_CASES[case]())
-            export_config = recipe("xnnpack-fp32", max_seq_len=MAX_SEQ_LEN)
+            # verify_tokens: the head computes the last 8 positions (prompt lookup verifies drafts)
+            export_config = recipe("xnnpack-fp32", max_seq_len=MAX_SEQ_LEN, verify_tokens=8)
             Exporter.from_pretrained(source, export_config, progress=False).run(folder / "program")
             model = tiny.make_model(tiny.FAMILY_CASES[case]())
             done[case] = model, ETModelForCausalLM.from_pretrained(folder / "program")

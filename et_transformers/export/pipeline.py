@@ -263,7 +263,7 @@ class Exporter:
         rebuild = cache_rebuild_length(loaded.architecture, config, self.export_config.max_seq_len)
         # Our own method (ExecuTorch's runner ignores it): see Architecture.rebuilds_cache_past_original_context.
         extra = {} if rebuild is None else {"get_cache_rebuild_len": rebuild}
-        if self.export_config.verify_tokens:  # ours too: how many trailing positions forward returns
+        if (self.export_config.verify_tokens or 1) > 1:  # ours: how many trailing positions forward returns
             extra["get_verify_tokens"] = self.export_config.verify_tokens
         return {
             "get_max_seq_len": self.export_config.max_seq_len,

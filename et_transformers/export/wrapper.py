@@ -1,9 +1,10 @@
-"""The exportable module: ``forward(input_ids[1, S], cache_position[S]) -> logits[1, min(S, k), vocab]``.
+"""The exportable module: ``forward(input_ids[1, S], cache_position[S]) -> logits[1, k, vocab]``.
 
 :class:`ExportableCausalLM` wraps a transformers causal LM whose attention is the custom SDPA
 (:mod:`.attention`), owns one key and one value buffer per attention layer (registered as module
 buffers so ``torch.export`` makes them the program's mutable state), and returns the logits of
-the last ``k`` positions only (``verify_tokens``; ``[1, vocab]`` when it is 1): prefill never
+the last ``k`` positions only (``verify_tokens``; rows before position 0 are padding;
+``[1, vocab]`` when it is 1): prefill never
 materialises ``[S, vocab]`` logits nobody reads, a decode step computes one row, and one call
 scores a whole draft of assisted generation.
 """
@@ -78,7 +79,8 @@ class ExportableCausalLM(nn.Module):
 
     ``forward(input_ids, cache_position)`` takes ``input_ids`` ``[1, S]`` (int64) and
     ``cache_position`` ``[S]`` (int64, consecutive, starting at the number of tokens already in the
-    cache) and returns float32 logits ``[1, min(S, verify_tokens), vocab]`` (``[1, vocab]`` when
+    cache) and returns float32 logits ``[1, verify_tokens, vocab]`` for positions ``S-k .. S-1``
+    (rows before the first position are padding; ``[1, vocab]`` when
     ``verify_tokens`` is 1, ``[1, S, vocab]`` with ``logits="all"``).
     """
 
@@ -173,10 +175,10 @@ class ExportableCausalLM(nn.Module):
         keep = 0 if self.all_logits else 1
         head_swap = contextlib.nullcontext()
         if not self.all_logits and self.verify_tokens > 1:
-            # The head sees every position and narrows to the last min(S, k) itself: transformers'
-            # negative-start slice (logits_to_keep=k) would make torch.export guard S < k.
-            rows = torch.clamp(cache_position[-1:] - cache_position[:1] + 1, max=self.verify_tokens)
-            keep, head_swap = 0, _narrowed_head(self.model, self.verify_tokens, rows)
+            # The head sees every position and takes the last k itself (zero rows before the
+            # first): transformers' negative-start slice (logits_to_keep=k) would make
+            # torch.export guard S < k.
+            keep, head_swap = 0, _narrowed_head(self.model, self.verify_tokens)
         with head_swap:
             out = self.model(
                 input_ids=input_ids,
@@ -187,36 +189,31 @@ class ExportableCausalLM(nn.Module):
                 et_cache=cache,
             )
         if self.all_logits or self.verify_tokens > 1:
-            return out.logits.float()  # [1, S, V], or [1, min(S, k), V]
+            return out.logits.float()  # [1, S, V], or [1, k, V] (rows before position 0 are padding)
         return out.logits[:, -1, :].float()  # [1, V]
 
 
 class _LastRows(nn.Module):
-    """The output head applied to the last ``min(S, k)`` positions of its input only."""
+    """The output head applied to the last ``k`` positions of its input (zero rows before the first).
+
+    A static ``k`` keeps the head a fixed-shape GEMM that XNNPACK delegates (a data-dependent
+    ``min(S, k)`` rows would leave it, and its dynamic quantization, to portable kernels).
+    """
 
     def __init__(self, head: nn.Module, k: int):
         super().__init__()
         self.head = head
         self.k = k
 
-    rows: torch.Tensor | None = None  # set per call: a one-element tensor holding min(S, k)
-
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         seq = hidden.shape[1]
-        # An unbacked size (read from a tensor) rather than min(S, k): torch.export would
-        # specialise a derived size on whether it is 1.
-        n = self.rows.item()
-        # one range constraint (an aten op): separate checks on n would be combined into an
-        # operator.and_ assertion that ETRecord cannot serialise
-        torch._check_is_size(n, max=self.k)
-        torch._check(n >= 1)
-        torch._check(n <= seq)
-        return self.head(hidden[:, seq - n :, :])  # a slice: narrow's bounds check is an and_ assertion
+        padded = torch.cat([hidden.new_zeros(hidden.shape[0], self.k - 1, hidden.shape[2]), hidden], dim=1)
+        return self.head(padded.narrow(1, seq - 1, self.k))  # positions S-k .. S-1
 
 
 @contextlib.contextmanager
-def _narrowed_head(model: nn.Module, k: int, rows: torch.Tensor):
-    """Inside: ``model``'s output head computes the last ``rows`` (= ``min(S, k)``) positions' logits."""
+def _narrowed_head(model: nn.Module, k: int):
+    """Inside: ``model``'s output head computes the last ``k`` positions' logits only."""
     head = model.get_output_embeddings()
     owner, name = next(
         (mod, child_name)
@@ -224,9 +221,7 @@ def _narrowed_head(model: nn.Module, k: int, rows: torch.Tensor):
         for child_name, child in mod.named_children()
         if child is head
     )
-    narrowed = _LastRows(head, k)
-    narrowed.rows = rows
-    setattr(owner, name, narrowed)
+    setattr(owner, name, _LastRows(head, k))
     try:
         yield
     finally:
