@@ -63,7 +63,9 @@ print(json.dumps({{"ready": ready, "exported": m.stats.export_time is not None, 
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     assert not result["exported"]
-    assert result["ready"] < 3.0, result
+    # A sanity bound, not a speed goal (those live in benchmarks/): about 2 s when the machine is
+    # quiet, up to 3.2 s measured while the suite's other worker exports a model on the second core.
+    assert result["ready"] < 4.0, result
     print(f"fresh-process load: ready in {result['ready']:.2f} s (wall {wall:.2f} s incl. interpreter start)")
 
 
