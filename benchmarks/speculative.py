@@ -6,8 +6,10 @@ each prompt: plain greedy on the default program (``verify_tokens=1``) and on th
 (what its 8-row head costs a decode step), greedy with prompt lookup, and greedy with a draft
 model (the same weights at the cheaper ``xnnpack-8da4w-pure`` recipe as their own draft), in
 interleaved rounds (order reversed every other round); medians per prompt kind, the ratio to
-plain greedy on the default program, and the acceptance rate. Every output is checked to equal
-plain greedy's on the verifying program (the script stops if one differs).
+plain greedy on the default program, and the acceptance rate. Every output is compared with
+plain greedy's on the verifying program, and the script says where one first differs (a quantized
+program's multi-row forward rounds differently from its one-row decode step, so near ties can
+flip).
 
 Prompt kinds: input-grounded (rewrite or summarise a given passage, edit a given code block),
 where the answer quotes its input and prompt lookup finds drafts, and open-ended ones, where it
@@ -62,7 +64,9 @@ PROMPTS = {
 def timed(model, ids, new_tokens, **kwargs):
     """``(new tokens per second of the whole call, output, stats)`` for one greedy call."""
     t0 = time.perf_counter()
-    out = model.generate(ids, max_new_tokens=new_tokens, do_sample=False, eos_token_id=None, **kwargs)
+    mask = torch.ones_like(ids)  # the chat template's own special tokens are not padding
+    out = model.generate(ids, attention_mask=mask, max_new_tokens=new_tokens, do_sample=False, eos_token_id=None,
+                         **kwargs)
     dt = time.perf_counter() - t0
     return (out.shape[-1] - ids.shape[-1]) / dt, out, model.stats
 
@@ -104,7 +108,7 @@ def main() -> None:
         timed(base, batch[0], 8)
     rates = {(kind, name): [] for kind in encoded for name in contenders}
     accept = {(kind, name): [0, 0] for kind in encoded for name in contenders}
-    k1_differs = 0
+    diverged: dict = {}  # (kind, contender) -> new-token index where each differing output first differs
     for r in range(args.runs):
         order = list(contenders.items()) if r % 2 == 0 else list(contenders.items())[::-1]
         for kind, batch in encoded.items():
@@ -121,14 +125,16 @@ def main() -> None:
                     outs[name] = out
                 plain_out = outs["plain"]
                 for name, out in outs.items():
-                    if name == "plain, k=1":
-                        k1_differs += not torch.equal(out, plain_out)
-                    elif not torch.equal(out, plain_out):
-                        raise SystemExit(f"{name} output differs from plain greedy on a {kind} prompt")
+                    if not torch.equal(out, plain_out):
+                        n = min(out.shape[-1], plain_out.shape[-1])
+                        first = int((out[0, :n] != plain_out[0, :n]).nonzero()[0]) - ids.shape[-1]
+                        diverged.setdefault((kind, name), []).append(first)
     commit = _commit()
     print(f"SmolLM2-135M-Instruct, default recipe (and with verify_tokens=8) exported by {commit} into {cache}; greedy, "
           f"{args.new_tokens} new tokens, {args.runs} interleaved rounds; medians of new tokens/s per call.")
-    print(f"The default program's greedy output differed from the verifying program's on {k1_differs} calls.")
+    for (kind, name), where in sorted(diverged.items()):
+        print(f"{kind} / {name}: {len(where)} outputs differ from plain greedy on the verifying program, "
+              f"first at new token {sorted(where)}")
     print(f"{'prompts':<12} {'contender':<15} {'tok/s':>7} {'vs plain':>9} {'accepted':>9}")
     for kind in encoded:
         base_rate = statistics.median(rates[(kind, "plain, k=1")])

@@ -578,8 +578,9 @@ class ETModelForCausalLM:
                 drafts by n-gram lookup in the text so far; ``assistant_model=`` another
                 ``ETModelForCausalLM`` with the same tokenizer drafts (``num_assistant_tokens``,
                 ``num_assistant_tokens_schedule``). Each draft is verified in one program call;
-                the output is exactly what the call gives without assistance (greedy: the same
-                tokens; sampling: the same distribution), and ``stats`` counts drafted and
+                the output is what the call gives without assistance (greedy: the same tokens on
+                float32 programs, where quantized ones may flip a near tie because a multi-row
+                call rounds differently; sampling: the same distribution), and ``stats`` counts drafted and
                 accepted tokens. One prompt at a time; at most ``verify_tokens - 1`` drafted
                 tokens per step (see ``ExportConfig``).
 
