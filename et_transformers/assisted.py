@@ -3,8 +3,10 @@
 A proposer returns up to ``limit`` tokens that likely follow the ids so far; the decode loop
 runs them through the target program in one call (its ``forward`` returns the logits of its last
 ``verify_tokens`` positions) and keeps the drafted tokens the target chooses itself, one step
-at a time, so greedy output is exactly plain greedy output and sampled output follows the
-target's distribution (a drafted token is kept only when the token the target samples equals it).
+at a time: greedy output is plain greedy output (token for token on float32 programs; a
+quantized program's multi-row call can round a near tie the other way), and sampled output
+follows the target's distribution (prompt lookup keeps a drafted token when the target's own
+sample equals it; a sampled draft model by the rule below).
 
 * :class:`PromptLookup` (``prompt_lookup_num_tokens=``): transformers' n-gram lookup: the longest
   suffix of up to ``max_matching_ngram_size`` tokens that occurred earlier in the sequence, and
@@ -27,6 +29,8 @@ from typing import Any
 
 import numpy as np
 import torch
+
+from .generation_fields import _defaults
 
 logger = logging.getLogger(__name__)
 
@@ -108,7 +112,7 @@ class DraftModel:
             return self._propose(ids, n)
 
     def _propose(self, ids: list[int], n: int) -> list[int]:
-        from .generation import _choose
+        from .generation import _choose, prefill
 
         if self.program.executions != self._executions:
             self._cached = []  # someone else ran the assistant since: its cache holds their tokens
@@ -117,10 +121,7 @@ class DraftModel:
             if a != b:
                 break
             common += 1
-        step = self.program.metadata.max_seq_len
-        logits = None
-        for s in range(common, len(ids), step):
-            logits = self.program.forward(torch.tensor([ids[s : s + step]], dtype=torch.long), s)
+        logits = prefill(self.program, torch.tensor([ids[common:]], dtype=torch.long), common)
         self._cached = list(ids)
         draft: list[int] = []
         self.probabilities = []
@@ -225,7 +226,7 @@ def make_proposer(gc, program, assistant: Any, processors, eos_ids, batch: int):
     if schedule not in SCHEDULES:
         raise ValueError(f"num_assistant_tokens_schedule={schedule!r} is not valid; use one of {list(SCHEDULES)}.")
     num = gc.num_assistant_tokens
-    if num is None or num == _transformers_default("num_assistant_tokens"):
+    if num is None or num == _defaults()[1].get("num_assistant_tokens"):
         num = min(k - 1, num or k - 1)  # transformers' default (20) does not fit one verify call
     if isinstance(num, bool) or not isinstance(num, int) or not 1 <= num <= k - 1:
         raise ValueError(
@@ -234,11 +235,3 @@ def make_proposer(gc, program, assistant: Any, processors, eos_ids, batch: int):
             f"ExportConfig(verify_tokens=...)."
         )
     return DraftModel(draft_program, num, schedule, processors, bool(gc.do_sample))
-
-
-def _transformers_default(name: str):
-    from transformers import GenerationConfig
-
-    blank = GenerationConfig()
-    value = getattr(blank, name, None)
-    return value if value is not None else blank._get_default_generation_params().get(name)

@@ -25,7 +25,7 @@ import torch
 from transformers.generation import stopping_criteria as sc
 
 from .assisted import make_proposer, speculative_choice
-from .planning import GenerationPlan, plan
+from .planning import GenerationPlan, _special_tokens, plan
 from .runtime import Program
 
 logger = logging.getLogger(__name__)
@@ -329,9 +329,9 @@ class Generator:
         # step, so the decode loop may read them in place (see Program.decode's ``copy``).
         copy_logits = simple_stop is None or not all(_is_transformers_own(p) for p in processors)
         program = self.program
-        eos_ids = gc.eos_token_id if isinstance(gc.eos_token_id, (list, tuple)) else [gc.eos_token_id]
+        eos = _special_tokens(gc)[0]
         proposer = make_proposer(
-            gc, program, plan_.assistant, processors, [e for e in eos_ids if e is not None], plan_.input_ids.shape[0]
+            gc, program, plan_.assistant, processors, [] if eos is None else eos.tolist(), plan_.input_ids.shape[0]
         )
         verify_width = program.metadata.verify_tokens
         # (drafted token, logits after it, the draft's distribution it was sampled from or None)
@@ -433,11 +433,17 @@ class Generator:
 
     def prefill(self, tokens: torch.Tensor, start_pos: int = 0) -> torch.Tensor:
         """Run ``tokens`` (``[1, n]``) through the program from ``start_pos``; return last logits."""
-        step = self.program.metadata.max_seq_len
-        logits = None
-        for s in range(0, tokens.shape[-1], step):
-            logits = self.program.forward(tokens[:, s : s + step], start_pos + s)
-        return logits
+        return prefill(self.program, tokens, start_pos)
+
+
+def prefill(program: Program, tokens: torch.Tensor, start_pos: int = 0) -> torch.Tensor:
+    """Run ``tokens`` (``[1, n]``) through ``program`` from ``start_pos``, in calls of at most its
+    ``max_seq_len`` tokens; return the last position's logits ``[1, V]``."""
+    step = program.metadata.max_seq_len
+    logits = None
+    for s in range(0, tokens.shape[-1], step):
+        logits = program.forward(tokens[:, s : s + step], start_pos + s)
+    return logits
 
 
 def _decoder_only_output(sequences, scores, logits):
