@@ -47,6 +47,27 @@ def test_program_has_custom_sdpa_in_place_cache_and_delegated_linears(tiny_llama
     assert info.num_delegated_subgraphs >= 1
 
 
+def test_float32_rope_runs_no_gemm_and_rotates_exactly(tiny_llama_export, tiny_llama_model):
+    """RoPE's ``rotate_half`` in a float32 program is elementwise ops and a pooling: no float GEMM
+    (XNNPACK's assembly GEMMs leave the AVX upper state dirty and made attention 3x slower at two
+    threads), and exactly transformers' values for full, partial and transposed inputs."""
+    from transformers.models.llama.modeling_llama import rotate_half
+
+    from et_transformers.export import rope
+
+    linears = sum(isinstance(m, torch.nn.Linear) for m in tiny_llama_model.modules())
+    table = tiny_llama_export.delegation_summary().get_operator_delegation_dataframe().set_index("op_type")
+    assert table.loc["aten_linear_default", "occurrences_in_delegated_graphs"] == linears
+    assert "aten_mean_dim" in table.index
+
+    owner = torch.nn.Module()
+    owner.register_buffer(rope.BUFFER_NAME, rope.pair_signs())
+    rotate = rope.pairwise_rotate_half(owner)
+    base = torch.randn(1, 7, 9, 64, generator=torch.Generator().manual_seed(0)) * 100
+    for x in (base, base.transpose(1, 2), base[..., :32], base[..., 32:], base[:, :1]):
+        assert torch.equal(rotate(x), rotate_half(x))
+
+
 def test_metadata_methods(tiny_llama_export):
     program = Program(tiny_llama_export.output_dir / "model.pte")
     meta = program.metadata

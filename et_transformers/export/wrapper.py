@@ -115,8 +115,9 @@ class ExportableCausalLM(nn.Module):
                     self.register_buffer(
                         f"{name}_zeros_{idx}", torch.zeros(1, max_seq_len, shape[1], 1, dtype=torch.int8)
                     )
-        for width in sorted(rotary_widths):
-            self.register_buffer(rope.buffer_name(width), rope.rotation_matrix(width), persistent=False)
+        self.rotary_widths = sorted(rotary_widths)
+        if rotary_widths:
+            self.register_buffer(rope.BUFFER_NAME, rope.pair_signs(), persistent=False)
         model.config._attn_implementation = register_attention()
         logger.debug("KV cache: %d layers, %s", len(self.layer_ids), {i: tuple(layout[i][0]) for i in self.layer_ids})
 
@@ -143,7 +144,16 @@ class ExportableCausalLM(nn.Module):
         return self
 
     def for_export(self):
-        """Context manager: inside it, RoPE's ``rotate_half`` runs as a delegable matmul."""
+        """Context manager: inside it, RoPE's ``rotate_half`` runs as ops XNNPACK delegates.
+
+        Float32 programs take the pairwise form; bf16/fp16 ones (cast by :meth:`to_dtype` before
+        this) the rotation matrices, registered here in the program's dtype.
+        """
+        dtype = getattr(self, rope.BUFFER_NAME).dtype if self.rotary_widths else torch.float32
+        if dtype == torch.float32:
+            return rope.swap_rotate_half(self.model, rope.pairwise_rotate_half(self))
+        for width in self.rotary_widths:
+            self.register_buffer(rope.matrix_name(width), rope.rotation_matrix(width, dtype), persistent=False)
         return rope.swap_rotate_half(self.model, rope.matmul_rotate_half(self, self.head_dims))
 
     def kv_cache_bytes(self) -> int:
