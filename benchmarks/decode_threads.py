@@ -9,9 +9,15 @@ tok/s per program and thread count, our/peer ratios, and with ``--etdump`` the p
 32 decode steps: delegate calls, XNNPACK GEMM time, other delegate time, ``custom_sdpa`` time and
 microseconds per call, everything else.
 
+With ``--llama-bench BIN --gguf FILE``, each round also runs llama.cpp's ``llama-bench`` (pp and tg
+of the same lengths, at each thread count) between the processes, so llama.cpp stands in the same
+interleaved rounds and gets its own medians and ratios.
+
 Run:  python benchmarks/decode_threads.py --ours DIR_OR_PTE --peer PEER_PTE [--runs 5] [--etdump]
-      (``--ours`` defaults to a fresh export of the demo model with the peer's scheme, made by this
-      checkout into a temporary cache; ``../shared/tools/peer-export.sh`` builds the peer's .pte.)
+          [--llama-bench BIN --gguf Q4_0.gguf] [--recipe default]
+      (``--ours`` defaults to a fresh export of the demo model, made by this checkout into a
+      temporary cache: the peer's scheme, or with ``--recipe default`` our default recipe;
+      ``../shared/tools/peer-export.sh`` builds the peer's .pte.)
 """
 
 from __future__ import annotations
@@ -164,6 +170,18 @@ def export_ours(recipe_fields: dict) -> Path:
     return model.pte_path
 
 
+def llama_bench(binary: str, gguf: str, threads: int, prompt: int, new: int, reps: int) -> tuple[float, float]:
+    """llama.cpp's own benchmark: (pp tok/s, tg tok/s), each the mean of ``reps`` repetitions."""
+    cmd = [binary, "-m", gguf, "-p", str(prompt), "-n", str(new), "-t", str(threads), "-r", str(reps), "-o", "json"]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode:
+        raise SystemExit(f"llama-bench failed:\n{proc.stderr[-2000:]}")
+    rows = json.loads(proc.stdout)
+    pp = next(r["avg_ts"] for r in rows if r["n_prompt"] and not r["n_gen"])
+    tg = next(r["avg_ts"] for r in rows if r["n_gen"] and not r["n_prompt"])
+    return float(pp), float(tg)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--ours", type=Path, help="our exported folder or .pte (default: export fresh)")
@@ -175,6 +193,11 @@ def main() -> None:
     parser.add_argument("--prompt-tokens", type=int, default=128)
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--etdump", action="store_true", help="also print the ETDump breakdown per token")
+    parser.add_argument("--recipe", default="peer",
+                        help="what the fresh exports of ours use, comma-separated: peer (the peer's "
+                             "scheme) and/or default (our default recipe); without --ours")
+    parser.add_argument("--llama-bench", help="llama.cpp's llama-bench binary, run in the same rounds")
+    parser.add_argument("--gguf", help="the GGUF llama-bench reads (with --llama-bench)")
     parser.add_argument("--child", type=int, help=argparse.SUPPRESS)
     parser.add_argument("ptes", nargs="*", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -185,8 +208,15 @@ def main() -> None:
                             capture_output=True, text=True).stdout.strip()
     dirty = bool(subprocess.run(["git", "-C", str(ROOT), "status", "--porcelain", "et_transformers"],
                                 capture_output=True, text=True).stdout.strip())
-    ours = _pte(args.ours) if args.ours else export_ours(PEER_SCHEME)
-    named = {"ours": ours}
+    if args.llama_bench and not args.gguf:
+        parser.error("--llama-bench needs --gguf")
+    recipes = [r.strip() for r in args.recipe.split(",")]
+    if args.ours:
+        named = {"ours": _pte(args.ours)}
+    else:
+        if not set(recipes) <= {"peer", "default"}:
+            parser.error(f"--recipe takes peer and/or default, not {args.recipe!r}")
+        named = {f"ours:{r}": export_ours(PEER_SCHEME if r == "peer" else {}) for r in recipes}
     if args.peer:
         named["peer"] = _pte(args.peer)
     for i, other in enumerate(args.other):
@@ -211,9 +241,14 @@ def main() -> None:
             order = names if r % 2 == 0 else names[::-1]
             for n, rs in spawn(t, order, False).items():
                 samples[(n, t)].extend(rs)
+            if args.llama_bench:
+                lcpp = llama_bench(args.llama_bench, args.gguf, t, args.prompt_tokens, args.new_tokens, args.reps)
+                samples.setdefault(("llama.cpp", t), []).append(lcpp)
     print(f"programs (our exporter at commit {commit}{' + uncommitted changes' if dirty else ''}):")
     for n, p in named.items():
         print(f"  {n}: {p}")
+    if args.llama_bench:
+        print(f"  llama.cpp: llama-bench on {args.gguf}")
     print(f"prompt {args.prompt_tokens}, {args.new_tokens} new tokens, greedy, bare runtime loop, "
           f"{args.runs} rounds x {args.reps} runs, medians")
     print(f"{'program':28}{'threads':>8}{'prefill tok/s':>15}{'decode tok/s':>14}")
@@ -221,10 +256,12 @@ def main() -> None:
     for (n, t), rs in samples.items():
         med[(n, t)] = (statistics.median(x[0] for x in rs), statistics.median(x[1] for x in rs))
         print(f"{n:28}{t:>8}{med[(n, t)][0]:>15.1f}{med[(n, t)][1]:>14.1f}")
-    if "peer" in named:
-        for t in threads:
-            o, p = med[("ours", t)], med[("peer", t)]
-            print(f"ours/peer at {t} thread(s): prefill {o[0] / p[0]:.2f}x, decode {o[1] / p[1]:.2f}x")
+    for mine in (n for n in named if n.startswith("ours")):
+        for other in ("peer", "llama.cpp"):
+            for t in threads:
+                if (other, t) in med:
+                    o, p = med[(mine, t)], med[(other, t)]
+                    print(f"{mine}/{other} at {t} thread(s): prefill {o[0] / p[0]:.2f}x, decode {o[1] / p[1]:.2f}x")
     if args.etdump:
         print("ETDump, per decode token (32 steps after a 128-token prompt; ms unless noted):")
         for t in threads:

@@ -299,3 +299,12 @@ def test_stored_dtype_reads_the_safetensors_headers(tmp_path):
     assert stored_dtype(ModelSource(tmp_path, gguf_file="m.gguf")) == torch.float32
     save_file({"c": torch.zeros(2, dtype=torch.float16)}, str(tmp_path / "extra.safetensors"))
     assert stored_dtype(ModelSource(tmp_path)) == torch.float32
+
+
+def test_each_activation_is_quantized_once(programs):
+    """q/k/v read one quantized copy of the normed hidden states, gate/up another: per layer four
+    dynamic quantizations (attention input, o_proj's, MLP input, down_proj's), plus the head's."""
+    exporter = programs.get("8da4w-g32")
+    choose = torch.ops.quantized_decomposed.choose_qparams_per_token_asymmetric.default
+    count = sum(n.target == choose for n in exporter.exported_program.graph.nodes)
+    assert count == 4 * tiny.llama_config().num_hidden_layers + 1

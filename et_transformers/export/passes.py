@@ -6,7 +6,8 @@ Transformers code produces both in every layer (head reshapes, RMSNorm), and eac
 delegate in two: more subgraphs, slower lowering, and a round trip through the portable runtime
 at every cut. These passes rewrite them into equivalent forms XNNPACK accepts; they change no
 numerics (``view`` with one inferred dim is the same view; a mean over ``[B, S, D, 1]``'s dims
-(2, 3) is the same mean over ``D``).
+(2, 3) is the same mean over ``D``). A third removes repeated dynamic quantization of one
+activation (q/k/v and gate/up read the same hidden states), which changes no numerics either.
 """
 
 from __future__ import annotations
@@ -92,10 +93,48 @@ def mean_last_dim_as_4d(ep: ExportedProgram) -> int:
     return count
 
 
+def share_activation_quantization(ep: ExportedProgram) -> int:
+    """Quantize each activation once, however many linears read it.
+
+    Dynamic quantization gives every linear its own ``choose_qparams -> quantize -> dequantize``
+    chain, so q/k/v (and gate/up) quantize the same hidden states three (two) times: three XNNPACK
+    convert operators, each reshaped, run and synchronised on every call. Identical chains (same
+    input, same arguments) compute identical values, so later copies are replaced by the first.
+
+    Returns:
+        The number of nodes removed.
+    """
+    import operator
+
+    qd = torch.ops.quantized_decomposed
+    targets = {
+        qd.choose_qparams_per_token_asymmetric.default,
+        qd.quantize_per_token.default,
+        qd.dequantize_per_token.default,
+        operator.getitem,
+    }
+    graph = ep.graph
+    seen: dict[tuple, torch.fx.Node] = {}
+    removed = 0
+    for node in list(graph.nodes):
+        if node.op != "call_function" or node.target not in targets:
+            continue
+        if node.target is operator.getitem and getattr(node.args[0], "target", None) not in targets:
+            continue
+        key = (node.target, tuple(node.args), tuple(sorted(node.kwargs.items())))
+        first = seen.setdefault(key, node)
+        if first is not node:
+            node.replace_all_uses_with(first)
+            graph.erase_node(node)
+            removed += 1
+    return removed
+
+
 def apply_xnnpack_friendly_rewrites(ep: ExportedProgram) -> ExportedProgram:
     """Run every pass of this module on ``ep`` in place and return it."""
     views = infer_symbolic_view_dims(ep)
     means = mean_last_dim_as_4d(ep)
+    shared = share_activation_quantization(ep)
     ep.graph_module.recompile()
-    logger.debug("XNNPACK rewrites: %d views, %d means", views, means)
+    logger.debug("XNNPACK rewrites: %d views, %d means, %d repeated quantization nodes", views, means, shared)
     return ep
