@@ -163,9 +163,9 @@ def export_ours(recipe_fields: dict) -> Path:
     from et_transformers import ETModelForCausalLM, ExportConfig
 
     cache = Path(tempfile.mkdtemp(prefix="et-bench-cache-"))
-    model = ETModelForCausalLM.from_pretrained(
-        fetch(ROOT / ".demo"), export_config=ExportConfig(**recipe_fields), cache_dir=cache,
-        force_export=True, warmup=False,
+    model = ETModelForCausalLM.from_pretrained(  # no fields: the library's default recipe
+        fetch(ROOT / ".demo"), export_config=ExportConfig(**recipe_fields) if recipe_fields else None,
+        cache_dir=cache, force_export=True, warmup=False,
     )
     return model.pte_path
 
