@@ -170,9 +170,11 @@ def export_ours(recipe_fields: dict) -> Path:
     return model.pte_path
 
 
-def llama_bench(binary: str, gguf: str, threads: int, prompt: int, new: int, reps: int) -> tuple[float, float]:
+def llama_bench(binary: str, gguf: str, threads: int, prompt: int, new: int,
+                reps: int) -> tuple[float, float]:
     """llama.cpp's own benchmark: (pp tok/s, tg tok/s), each the mean of ``reps`` repetitions."""
-    cmd = [binary, "-m", gguf, "-p", str(prompt), "-n", str(new), "-t", str(threads), "-r", str(reps), "-o", "json"]
+    cmd = [binary, "-m", gguf, "-p", str(prompt), "-n", str(new), "-t", str(threads),
+           "-r", str(reps), "-o", "json"]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode:
         raise SystemExit(f"llama-bench failed:\n{proc.stderr[-2000:]}")

@@ -5,8 +5,8 @@ length is dynamic, which XNNPACK cannot delegate: every layer's delegate would b
 q and k). We compute the same values from the pairs ``(x[h], x[h + d/2])`` instead: a broadcast
 multiply by a constant ``[2, 2, 1]`` of ``±2`` and zeros puts ``2 * sign * partner`` beside a zero
 for each output, and a mean over each such pair (XNNPACK's global average pooling of a
-``[M, d, 2, 1]`` view of the products) halves it back. Every step is exact: products by ±2 and 0, a sum with
-zero, a halving.
+``[M, d, 2, 1]`` view of the products) halves it back. Every step is exact: products by ±2 and 0,
+a sum with zero, a halving.
 
 Half-precision programs keep the older form, a multiply by a signed permutation matrix (one
 small GEMM each for q and k, exact too): XNNPACK pools float32 only. In float32 programs that form
