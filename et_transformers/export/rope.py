@@ -14,6 +14,11 @@ cost a lot of speed: XNNPACK runs float GEMMs with assembly kernels that return 
 ``vzeroupper``, so the thread pool's worker entered ``llama.custom_sdpa``'s SSE code with dirty
 upper AVX state, and attention cost 3-4x more at two threads than at one (issue 14's decode gap).
 The elementwise, transpose and pooling kernels are compiled C, which clears that state on return.
+
+The families' modeling modules each define a module-level ``rotate_half`` that their
+``apply_rotary_pos_emb`` looks up at call time, so we swap that name while tracing. The constants
+(the pair signs, or one rotation matrix per rotary width) live as non-persistent buffers of the
+exportable wrapper, so ``torch.export`` lifts them as program constants like any other buffer.
 """
 
 from __future__ import annotations
