@@ -195,9 +195,9 @@ def main() -> None:
     parser.add_argument("--prompt-tokens", type=int, default=128)
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--etdump", action="store_true", help="also print the ETDump breakdown per token")
-    parser.add_argument("--recipe", default="peer",
-                        help="what the fresh exports of ours use, comma-separated: peer (the peer's "
-                             "scheme) and/or default (our default recipe); without --ours")
+    parser.add_argument("--recipe", help="what the fresh exports of ours use, comma-separated: peer "
+                                         "(the peer's scheme, the default) and/or default (our "
+                                         "default recipe); not with --ours")
     parser.add_argument("--llama-bench", help="llama.cpp's llama-bench binary, run in the same rounds")
     parser.add_argument("--gguf", help="the GGUF llama-bench reads (with --llama-bench)")
     parser.add_argument("--child", type=int, help=argparse.SUPPRESS)
@@ -210,9 +210,11 @@ def main() -> None:
                             capture_output=True, text=True).stdout.strip()
     dirty = bool(subprocess.run(["git", "-C", str(ROOT), "status", "--porcelain", "et_transformers"],
                                 capture_output=True, text=True).stdout.strip())
-    if args.llama_bench and not args.gguf:
-        parser.error("--llama-bench needs --gguf")
-    recipes = [r.strip() for r in args.recipe.split(",")]
+    if bool(args.llama_bench) != bool(args.gguf):
+        parser.error("--llama-bench and --gguf go together")
+    if args.ours and args.recipe:
+        parser.error("--recipe chooses what to export fresh; --ours is an existing program")
+    recipes = [r.strip() for r in (args.recipe or "peer").split(",")]
     if args.ours:
         named = {"ours": _pte(args.ours)}
     else:

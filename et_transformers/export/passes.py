@@ -13,6 +13,7 @@ activation (q/k/v and gate/up read the same hidden states), which changes no num
 from __future__ import annotations
 
 import logging
+import operator
 
 import torch
 from torch.export import ExportedProgram
@@ -104,8 +105,6 @@ def share_activation_quantization(ep: ExportedProgram) -> int:
     Returns:
         The number of nodes removed.
     """
-    import operator
-
     qd = torch.ops.quantized_decomposed
     targets = {
         qd.choose_qparams_per_token_asymmetric.default,
