@@ -48,8 +48,9 @@ class _RawProgram:
     metadata methods and returns every position's logits, so only the last row is read)."""
 
     def __init__(self, path: str, etdump: bool):
-        from et_transformers.runtime import _bindings
+        from et_transformers.runtime import _bindings, load_own_kernels
 
+        load_own_kernels(path)
         self.module = _bindings()._load_for_executorch(path, enable_etdump=etdump)
         sizes = tuple(self.module.method_meta("forward").input_tensor_meta(0).sizes())
         self.one_token = sizes[-1] == 1  # a static one-token forward
@@ -156,16 +157,19 @@ def _etdump_breakdown(program, steps: int) -> dict:
     return out
 
 
-def export_ours(recipe_fields: dict) -> Path:
-    """A fresh export of the demo model by this checkout (a temporary cache, force_export)."""
+def export_ours(recipe: str) -> Path:
+    """A fresh export of the demo model by this checkout (a temporary cache, force_export):
+    ``peer`` is the peer's scheme, ``default`` our default recipe, anything else a recipe name."""
     from fetch_demo_model import fetch
 
     from et_transformers import ETModelForCausalLM, ExportConfig
+    from et_transformers.config import DEFAULT_RECIPE
 
     cache = Path(tempfile.mkdtemp(prefix="et-bench-cache-"))
-    model = ETModelForCausalLM.from_pretrained(  # no fields: the library's default recipe
-        fetch(ROOT / ".demo"), export_config=ExportConfig(**recipe_fields) if recipe_fields else None,
-        cache_dir=cache, force_export=True, warmup=False,
+    config = ExportConfig(**PEER_SCHEME) if recipe == "peer" else None
+    model = ETModelForCausalLM.from_pretrained(
+        fetch(ROOT / ".demo"), export_config=config, recipe=None if config else (DEFAULT_RECIPE if recipe == "default" else recipe),
+        max_seq_len=PEER_SCHEME["max_seq_len"], cache_dir=cache, force_export=True, warmup=False,
     )
     return model.pte_path
 
@@ -196,8 +200,8 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--etdump", action="store_true", help="also print the ETDump breakdown per token")
     parser.add_argument("--recipe", help="what the fresh exports of ours use, comma-separated: peer "
-                                         "(the peer's scheme, the default) and/or default (our "
-                                         "default recipe); not with --ours")
+                                         "(the peer's scheme, the default), default (our default "
+                                         "recipe) or recipe names; not with --ours")
     parser.add_argument("--llama-bench", help="llama.cpp's llama-bench binary, run in the same rounds")
     parser.add_argument("--gguf", help="the GGUF llama-bench reads (with --llama-bench)")
     parser.add_argument("--child", type=int, help=argparse.SUPPRESS)
@@ -218,9 +222,12 @@ def main() -> None:
     if args.ours:
         named = {"ours": _pte(args.ours)}
     else:
-        if not set(recipes) <= {"peer", "default"}:
-            parser.error(f"--recipe takes peer and/or default, not {args.recipe!r}")
-        named = {f"ours:{r}": export_ours(PEER_SCHEME if r == "peer" else {}) for r in recipes}
+        from et_transformers.config import RECIPES
+
+        unknown = [r for r in recipes if r not in {"peer", "default", *RECIPES}]
+        if unknown:
+            parser.error(f"--recipe takes peer, default or recipe names ({', '.join(RECIPES)}), not {unknown}")
+        named = {f"ours:{r}": export_ours(r) for r in recipes}
     if args.peer:
         named["peer"] = _pte(args.peer)
     for i, other in enumerate(args.other):

@@ -71,7 +71,7 @@ def main() -> None:
 
     from et_transformers import ETModelForCausalLM, ExportConfig
     from et_transformers.bench import interleaved_runs, measure_cpp_runner, measure_ours, medians, paired_ratios
-    from et_transformers.runtime import load_kernel_libraries
+    from et_transformers.runtime import load_kernel_libraries, load_own_kernels
 
     if args.pte:
         model = ETModelForCausalLM.from_pretrained(args.pte)
@@ -89,6 +89,7 @@ def main() -> None:
     n = args.new_tokens
 
     load_kernel_libraries()
+    load_own_kernels(folder / "model.pte")
     runner = TextLLMRunner(str(folder / "model.pte"), str(folder / "tokenizer.json"))
     contenders = {
         "et_transformers generate()": lambda: measure_ours(model, ids, n),

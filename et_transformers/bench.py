@@ -317,12 +317,13 @@ def _worker(name: str, spec: BenchSpec) -> BenchResult:
         from executorch.extension.llm.runner import GenerationConfig, TextLLMRunner
 
         from .modeling import load_tokenizer
-        from .runtime import load_kernel_libraries
+        from .runtime import load_kernel_libraries, load_own_kernels
 
         tokenizer = load_tokenizer(folder)
         text = tokenizer.decode(prompt_ids(tokenizer, spec.prompt_tokens, spec.text)[0])
         load_kernel_libraries()
         with stdout_silenced():
+            load_own_kernels(folder / "model.pte")
             runner = TextLLMRunner(str(folder / "model.pte"), str(folder / "tokenizer.json"))
         load = time.perf_counter() - t0
         run = lambda: measure_cpp_runner(runner, GenerationConfig, text, spec.new_tokens)  # noqa: E731

@@ -38,8 +38,14 @@ DTYPES: dict[str, str] = {
 #: Backends a program can be lowered to. ``portable`` delegates nothing (ExecuTorch's portable kernels).
 BACKENDS: tuple[str, ...] = ("xnnpack", "portable")
 
-#: Linear-layer quantization schemes: 8-bit dynamic activations with 4- or 8-bit weights, or weight-only.
-QLINEAR_SCHEMES: tuple[str, ...] = ("8da4w", "8da8w", "4w", "8w")
+#: Linear-layer quantization schemes: 8-bit dynamic activations with 4- or 8-bit weights, or weight-only
+#: (ExecuTorch's kernels), or ``"q4_0"``: int4 weights in groups of 32 times int8 activations per block
+#: of 32, run by our own kernel (:mod:`et_transformers.kernels`; float32 programs only, and a program
+#: with it runs only where that kernel library is loaded, i.e. through this package).
+QLINEAR_SCHEMES: tuple[str, ...] = ("8da4w", "8da8w", "4w", "8w", "q4_0")
+
+#: Schemes run by our own kernels rather than ExecuTorch's (their programs need our kernel library).
+OWN_KERNEL_SCHEMES: tuple[str, ...] = ("q4_0",)
 
 #: How the output head (``lm_head``, often tied to the embedding) is quantized: like the other linear
 #: layers (``"same"``), left in float (``None``), or with its own scheme (8-bit schemes per channel,
@@ -115,6 +121,12 @@ def _check_backend_support(cfg: "ExportConfig") -> None:
     folded back to float at export). Runs after :meth:`ExportConfig._resolve_quantization`.
     """
     scheme, gs = cfg.qlinear, cfg.qlinear_group_size
+    own = [f for f, v in (("qlinear", scheme), ("qhead", cfg.head_scheme)) if v in OWN_KERNEL_SCHEMES]
+    if own and cfg.dtype != "float32":
+        raise InvalidConfigError(
+            f"{own[0]}='q4_0' needs dtype='float32' (its kernel takes float32 activations; the weights are "
+            f"4-bit either way), got dtype={cfg.dtype!r}; use dtype='float32' or {own[0]}='8da4w'."
+        )
     if cfg.backend == "xnnpack":
         if cfg.qhead in ("4w", "8w"):
             raise InvalidConfigError(
@@ -134,7 +146,7 @@ def _check_backend_support(cfg: "ExportConfig") -> None:
                 f"{XNNPACK_GROUP_MULTIPLE}, 64, 128 or 256, or None (one scale per output channel)."
             )
         head = cfg.head_scheme
-        eight = "8da8w" if cfg.qlinear_8bit and scheme == "8da4w" else None
+        eight = "8da8w" if cfg.qlinear_8bit and scheme in ("8da4w", "q4_0") else None
         for field, value in (("qlinear", scheme), ("qhead", head), ("qlinear_8bit", eight)):
             if value == "8da8w" and cfg.dtype == "bfloat16":
                 raise InvalidConfigError(
@@ -236,9 +248,9 @@ class ExportConfig:
                 f"('*.mlp.down_proj',)."
             )
         object.__setattr__(self, "qlinear_8bit", tuple(patterns))
-        if patterns and self.qlinear not in ("8da4w", "4w"):
+        if patterns and self.qlinear not in ("8da4w", "4w", "q4_0"):
             raise InvalidConfigError(
-                f"qlinear_8bit={tuple(patterns)!r} needs a 4-bit qlinear ('8da4w' or '4w') to differ from; "
+                f"qlinear_8bit={tuple(patterns)!r} needs a 4-bit qlinear ('8da4w', '4w' or 'q4_0') to differ from; "
                 f"qlinear is {self.qlinear!r}."
             )
         if self.qhead not in (AUTO, *QHEAD_CHOICES):
@@ -397,6 +409,8 @@ RECIPES: dict[str, dict[str, Any]] = {
         "kv_cache_dtype": "int8",
     },
     "xnnpack-8da4w-pure": {"qlinear": "8da4w", "qembedding": "8w"},
+    # our own q4_0 kernel for the 4-bit layers (x86-64 AVX2; runs only where et_transformers loads it)
+    "xnnpack-q4_0": {"qlinear": "q4_0", "qhead": "8da8w", "qembedding": "8w"},
     "portable-fp32": {"backend": "portable"},
 }
 DEFAULT_RECIPE = "xnnpack-8da4w"

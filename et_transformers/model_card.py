@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .config import ExportConfig, recipe_name
+from .config import OWN_KERNEL_SCHEMES, ExportConfig, recipe_name
 from .manifest import Manifest
 
 #: The card template (``string.Template`` syntax: ``${name}``).
@@ -228,13 +228,23 @@ def render(
     if card.quality_table:
         start, end = QUALITY_MARKERS
         quality = f"\n## Recipes compared\n\n{start}\n{card.quality_table.strip()}\n{end}\n"
+    own = [s for s in dict.fromkeys((cfg.qlinear, cfg.head_scheme)) if s in OWN_KERNEL_SCHEMES]
+    if own:
+        linears = (f"run by et_transformers' own `{own[0]}` kernel (x86-64 with AVX2; it ships with "
+                   f"et_transformers and is compiled on first use), the rest "
+                   f"{'delegated to XNNPACK' if cfg.backend == 'xnnpack' else 'run by ExecuTorch portable kernels'}")
+        runner_note = (f" This program's `{own[0]}` layers need et_transformers' kernel library, which a stock "
+                       f"ExecuTorch build (`llama_main`, a phone app) does not have: run it through Python as "
+                       f"below, or export with a stock recipe such as `xnnpack-8da4w` for other runtimes.")
+    else:
+        linears = "delegated to XNNPACK" if cfg.backend == "xnnpack" else "run by ExecuTorch portable kernels"
+        runner_note = ""
     values = {
         "front_matter": _front_matter(manifest, cfg, card, base_model),
         "title": f"{name} for ExecuTorch ({recipe or 'custom recipe'})",
         "summary": (
             f"An ExecuTorch program of {name}, exported by et_transformers: attention runs as "
-            f"`llama.custom_sdpa` over an in-place KV cache, and the linear layers are "
-            f"{'delegated to XNNPACK' if cfg.backend == 'xnnpack' else 'run by ExecuTorch portable kernels'}. "
+            f"`llama.custom_sdpa` over an in-place KV cache, and the linear layers are {linears}. "
             f"It loads with `ETModelForCausalLM.from_pretrained` and with ExecuTorch's C++ LLM runner."
         ),
         "source": _source(manifest, base_model),
@@ -257,5 +267,6 @@ def render(
         "runner_tokenizer": runner_tokenizer or "tokenizer.json",
         "runner_tokenizer_note": _TOKENIZER_NOTES.get(runner_tokenizer or "", " (missing from this folder: add it)"),
         "quality_section": quality,
+        "own_kernels_note": runner_note,
     }
     return string.Template(template_path.read_text()).substitute(values)

@@ -46,6 +46,44 @@ def load_kernel_libraries() -> None:
     _kernels_loaded = True
 
 
+#: Operator-name prefix of our own kernels (:mod:`et_transformers.kernels`).
+_OWN_OPERATOR_PREFIX = b"et_transformers::"
+
+
+def needs_own_kernels(path: str | os.PathLike) -> bool:
+    """Whether the ``.pte`` at ``path`` calls operators of our own kernel library.
+
+    Reads only the program's flatbuffer (its operator table), whose size the extended header
+    gives, not the weight segments after it.
+    """
+    with open(path, "rb") as f:
+        head = f.read(24)
+        size = int.from_bytes(head[16:24], "little") if head[8:12] == b"eh00" else None
+        f.seek(0)
+        return _OWN_OPERATOR_PREFIX in f.read(size if size else -1)
+
+
+def load_own_kernels(path: str | os.PathLike) -> None:
+    """Load our kernel library if the program at ``path`` needs it (built on first use).
+
+    Raises:
+        ProgramError: it needs them and they cannot be built or loaded here (the message says why
+            and what to install).
+    """
+    if not needs_own_kernels(path):
+        return
+    from . import kernels
+
+    _bindings()  # the runtime that owns the kernel registry, loaded first
+    try:
+        kernels.load()
+    except kernels.KernelBuildError as e:
+        raise ProgramError(
+            f"{path} uses et_transformers' own kernels ({', '.join(kernels.OPERATORS)}: the 'q4_0' scheme), "
+            f"which could not be loaded here: {e}"
+        ) from e
+
+
 def start_runtime() -> int:
     """Load the kernel libraries and create ExecuTorch's thread pool now, not on the first run.
 
@@ -190,6 +228,7 @@ class Program:
         if header[4:6] != b"ET":
             raise ProgramError(f"{self.path} is not an ExecuTorch program (no 'ET' file identifier).")
         load_kernel_libraries()
+        load_own_kernels(self.path)
         _C = _bindings()
         try:
             self._module = _C._load_for_executorch(str(self.path), enable_etdump=enable_etdump)

@@ -10,6 +10,10 @@ kernels consume directly:
   → ``quantize_per_token`` → ``dequantize_per_token``) times dequantized int4/int8 weights; XNNPACK
   fuses the pattern into one dynamically-quantized GEMM;
 * ``4w`` / ``8w``: float activations times dequantized weights;
+* ``q4_0``: our own kernel, ``et_transformers::q4_linear`` (:mod:`et_transformers.kernels`): int4
+  weights in groups of 32 with float16 scales, activations quantized to int8 per block of 32
+  inside the kernel (llama.cpp's Q4_0 x Q8_0 arithmetic); a layer whose shape the kernel's layout
+  cannot hold (out features not a multiple of 8, in features not of 32) gets ``8da8w`` instead;
 * embeddings: ``embedding_byte`` / ``embedding_4bit`` lookups.
 
 We use this vocabulary rather than torchao's tensor subclasses in the graph because the subclasses'
@@ -48,7 +52,10 @@ LINEAR_SCHEMES: dict[str, tuple[int, bool]] = {
     "8da8w": (8, True),
     "4w": (4, False),
     "8w": (8, False),
+    "q4_0": (4, True),
 }
+#: Fixed group size of the ``q4_0`` scheme (its kernel's block).
+Q4_GROUP_SIZE = 32
 #: scheme -> weight bits
 EMBEDDING_SCHEMES: dict[str, int] = {"4w": 4, "8w": 8}
 
@@ -149,6 +156,33 @@ class QuantizedLinear(nn.Module):
         return F.linear(x, self.dequantized_weight(x.dtype), bias)
 
 
+class Q4Linear(nn.Module):
+    """A linear layer run by our ``et_transformers::q4_linear`` kernel (the ``q4_0`` scheme).
+
+    Args:
+        qweight: packed int4 values, uint8 ``[out/8, in/32, 8, 16]`` (:func:`~et_transformers.kernels.ops.pack_q4`).
+        scales: float16 ``[out/8, in/32, 8]``.
+        bias: optional float bias, added after the kernel.
+    """
+
+    def __init__(self, qweight, scales, bias=None):
+        super().__init__()
+        from ..kernels import ops  # noqa: F401  (defines the operator)
+
+        self.out_features, self.in_features = qweight.shape[0] * qweight.shape[2], qweight.shape[1] * 32
+        self.register_buffer("qweight", qweight)
+        self.register_buffer("scales", scales)
+        self.bias = None if bias is None else nn.Parameter(bias.detach().float(), requires_grad=False)
+
+    def extra_repr(self) -> str:
+        return f"{self.in_features}, {self.out_features}, q4_0"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``x @ W.T + b`` with the kernel's arithmetic (its bit-exact reference in eager)."""
+        y = torch.ops.et_transformers.q4_linear(x, self.qweight, self.scales)
+        return y if self.bias is None else y + self.bias
+
+
 class QuantizedEmbedding(nn.Module):
     """An embedding table with int4/int8 rows looked up by ExecuTorch's quantized embedding ops.
 
@@ -197,6 +231,23 @@ def _group_size_for(name: str, in_dim: int, requested: int | None, scheme: str, 
 def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
     parent_name, _, child = name.rpartition(".")
     setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
+
+
+def _q4_linear(name: str, module: nn.Linear, dtype: torch.dtype, fallbacks: list[str]) -> Q4Linear | None:
+    """``module`` as a :class:`Q4Linear` (torchao's HQQ int4 values, scales as float16), or ``None``
+    (recorded in ``fallbacks``) when the kernel's layout cannot hold its shape."""
+    from executorch.extension.llm.export.quantize import _make_linear_config
+
+    from ..kernels.ops import pack_q4, packable
+
+    out_features, in_features = module.weight.shape
+    if not packable(out_features, in_features):
+        fallbacks.append(name)
+        return None
+    qdata, scale = _torchao_quantize(module.weight, _make_linear_config("8da4w", Q4_GROUP_SIZE), dtype)
+    qweight, scales = pack_q4(qdata, scale)
+    bias = None if module.bias is None else module.bias.to(dtype)
+    return Q4Linear(qweight, scales, bias)
 
 
 def output_head_name(model: nn.Module) -> str | None:
@@ -252,6 +303,7 @@ def quantize_model(model: nn.Module, config: ExportConfig, dtype: torch.dtype | 
     embeddings = [(n, m) for n, m in model.named_modules() if type(m) is nn.Embedding] if config.qembedding else []
     linears = [(n, m) for n, m in model.named_modules() if type(m) is nn.Linear]
     head_scheme, eight_bit = None, 0
+    q4_fallbacks: list[str] = []
     for kind, targets in (("embedding", embeddings), ("linear", linears)):
         fallbacks: list[str] = []
         done = 0
@@ -265,6 +317,13 @@ def quantize_model(model: nn.Module, config: ExportConfig, dtype: torch.dtype | 
                     eight_bit += 1
                 if scheme is None:
                     continue
+                if scheme == "q4_0":
+                    new = _q4_linear(name, module, dtype, q4_fallbacks)
+                    if new is not None:
+                        _replace(model, name, new)
+                        done += 1
+                        continue
+                    scheme, requested = "8da8w", None
                 group = _group_size_for(name, weight.shape[1], requested, scheme, fallbacks)
                 bits, dynamic = LINEAR_SCHEMES[scheme]
                 qdata, scale = _torchao_quantize(weight, _make_linear_config(scheme, group), dtype)
@@ -288,6 +347,12 @@ def quantize_model(model: nn.Module, config: ExportConfig, dtype: torch.dtype | 
             )
         if done:
             report[kind] = {"grouped": done - len(fallbacks), "per_channel_fallback": len(fallbacks)}
+    if q4_fallbacks:
+        logger.info(
+            "q4_0: %d layer(s) have a shape the kernel's layout cannot hold (out %% 8, in %% 32); quantized "
+            "8da8w instead: %s", len(q4_fallbacks), ", ".join(q4_fallbacks[:8]) + (" ..." if len(q4_fallbacks) > 8 else ""),
+        )
+        report["q4_0_fallback_8da8w"] = len(q4_fallbacks)
     for weight in float_layer_weights(model):  # layers left in float
         if weight.is_floating_point() and weight.dtype != dtype:
             weight.data = weight.data.to(dtype)

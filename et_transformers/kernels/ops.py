@@ -1,0 +1,108 @@
+"""PyTorch definitions of our ExecuTorch kernels' operators, with bit-exact reference implementations.
+
+``et_transformers::q4_linear(x, qweight, scales)`` is ``x @ W.T`` for 4-bit weights stored in the
+layout :func:`pack_q4` builds, with the activations quantized to int8 per block of 32 (llama.cpp's
+Q4_0 x Q8_0 arithmetic). The reference below performs the same float operations in the same
+order as the C++ kernel (``q4_linear.cpp``): int8 blocks from ``round(x * (1 / (max|x| / 127)))``,
+exact integer block dots, then ``acc = acc + dot_b * (weight_scale_b * act_scale_b)`` over the
+blocks in order, so an exported program and its eager model give the same logits. The ``.out``
+overload is the one ExecuTorch's emitter calls.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+BLOCK = 32
+ROWS = 8
+#: activation rows the reference processes at once (bounds its temporaries)
+_CHUNK_ROWS = 256
+
+_lib = torch.library.Library("et_transformers", "DEF")
+_lib.define("q4_linear(Tensor x, Tensor qweight, Tensor scales) -> Tensor")
+_lib.define("q4_linear.out(Tensor x, Tensor qweight, Tensor scales, *, Tensor(a!) out) -> Tensor(a!)")
+
+
+def packable(out_features: int, in_features: int) -> bool:
+    """Whether a ``[out, in]`` weight fits the kernel's layout (rows in eights, inputs in 32s)."""
+    return out_features % ROWS == 0 and in_features % BLOCK == 0
+
+
+def pack_q4(qdata: Tensor, scale: Tensor) -> tuple[Tensor, Tensor]:
+    """Pack symmetric int4 weights for the kernel.
+
+    Args:
+        qdata: ``[N, K]`` integer values in ``[-8, 7]``.
+        scale: ``[N, K // 32]`` float scales (stored as float16).
+
+    Returns:
+        ``qweight`` uint8 ``[N/8, K/32, 8, 16]`` (byte ``j`` of a row's block: value ``j`` + 8 in the
+        low nibble, value ``j + 16`` + 8 in the high one) and ``scales`` float16 ``[N/8, K/32, 8]``.
+    """
+    n, k = qdata.shape
+    if not packable(n, k):
+        raise ValueError(f"q4 packing needs out_features % {ROWS} == 0 and in_features % {BLOCK} == 0, got [{n}, {k}]")
+    if scale.shape != (n, k // BLOCK):
+        raise ValueError(f"expected scales of shape [{n}, {k // BLOCK}], got {list(scale.shape)}")
+    u = (qdata.to(torch.int16) + 8).to(torch.uint8).view(n // ROWS, ROWS, k // BLOCK, 2, 16)
+    packed = u[:, :, :, 0] | (u[:, :, :, 1] << 4)  # [G, 8, B, 16]
+    qweight = packed.permute(0, 2, 1, 3).contiguous()
+    scales = scale.to(torch.float16).view(n // ROWS, ROWS, k // BLOCK).permute(0, 2, 1).contiguous()
+    return qweight, scales
+
+
+def unpack_q4(qweight: Tensor, scales: Tensor) -> tuple[Tensor, Tensor]:
+    """The inverse of :func:`pack_q4`: ``[N, K]`` int8 values and ``[N, K/32]`` float16 scales."""
+    g, b = qweight.shape[:2]
+    lo, hi = qweight & 0x0F, qweight >> 4
+    values = torch.stack((lo, hi), dim=3).view(g, b, ROWS, BLOCK).to(torch.int8) - 8  # [G, B, 8, 32]
+    qdata = values.permute(0, 2, 1, 3).reshape(g * ROWS, b * BLOCK)
+    return qdata, scales.permute(0, 2, 1).reshape(g * ROWS, b)
+
+
+def quantize_activations(x: Tensor) -> tuple[Tensor, Tensor]:
+    """Per block of 32 along the last dim: int8-valued floats ``[M, B, 32]`` and scales ``[M, B]``."""
+    blocks = x.reshape(-1, x.shape[-1] // BLOCK, BLOCK).float()
+    d = blocks.abs().amax(dim=-1) / 127.0
+    inv = torch.where(d != 0, 1.0 / d, torch.zeros_like(d))
+    return torch.round(blocks * inv.unsqueeze(-1)), d
+
+
+def q4_linear_reference(x: Tensor, qweight: Tensor, scales: Tensor) -> Tensor:
+    """What the C++ kernel computes, bit for bit (see the module docstring)."""
+    qdata, wscale = unpack_q4(qweight, scales)
+    n, k = qdata.shape
+    if x.shape[-1] != k:
+        raise ValueError(f"q4_linear: x's last dim is {x.shape[-1]}, the weight's input size is {k}")
+    nb = k // BLOCK
+    w = qdata.float().view(n, nb, BLOCK)
+    ws = wscale.float()  # [N, B]
+    xq, xs = quantize_activations(x)
+    rows = xq.shape[0]
+    out = torch.empty(rows, n, dtype=torch.float32)
+    for start in range(0, rows, _CHUNK_ROWS):
+        part_q, part_s = xq[start : start + _CHUNK_ROWS], xs[start : start + _CHUNK_ROWS]
+        acc = torch.zeros(part_q.shape[0], n, dtype=torch.float32)
+        for b in range(nb):
+            dot = part_q[:, b] @ w[:, b].T  # integers below 2**24: exact in any order
+            acc = acc + dot * (ws[:, b].unsqueeze(0) * part_s[:, b].unsqueeze(1))
+        out[start : start + part_q.shape[0]] = acc
+    return out.view(*x.shape[:-1], n).to(x.dtype)
+
+
+@torch.library.impl(_lib, "q4_linear", "CompositeExplicitAutograd")
+def _q4_linear(x: Tensor, qweight: Tensor, scales: Tensor) -> Tensor:
+    return q4_linear_reference(x, qweight, scales)
+
+
+@torch.library.impl(_lib, "q4_linear.out", "CompositeExplicitAutograd")
+def _q4_linear_out(x: Tensor, qweight: Tensor, scales: Tensor, *, out: Tensor) -> Tensor:
+    result = q4_linear_reference(x, qweight, scales)
+    out.resize_(result.shape)
+    return out.copy_(result)
+
+
+@torch.library.register_fake("et_transformers::q4_linear")
+def _q4_linear_fake(x: Tensor, qweight: Tensor, scales: Tensor) -> Tensor:
+    return x.new_empty((*x.shape[:-1], qweight.shape[0] * ROWS))

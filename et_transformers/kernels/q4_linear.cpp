@@ -1,0 +1,197 @@
+// et_transformers::q4_linear: y = x @ W^T for 4-bit weights in groups of 32 (one fp16 scale per
+// group), with the activations quantized per group of 32 to int8 (one fp32 scale per group), the
+// arithmetic of llama.cpp's Q4_0 x Q8_0 dot product. Registered into ExecuTorch's kernel registry
+// (libexecutorch.so) when this library is loaded, and parallelised on ExecuTorch's thread pool.
+//
+// Weight layout (built by et_transformers/export/q4.py): qweight uint8 [N/8, K/32, 8, 16]: for each
+// group of 8 output rows and each block of 32 inputs, the 8 rows' 16 bytes, byte j holding
+// value j + 8 in its low nibble and value j + 16 + 8 in its high nibble; scales fp16 [N/8, K/32, 8].
+//
+// Every output element is computed by the same sequence of float operations whatever the number of
+// rows M in the call, so a token's logits do not depend on how many tokens share the forward.
+#include <immintrin.h>
+
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+#include <executorch/runtime/core/exec_aten/util/tensor_util.h>
+#include <executorch/runtime/kernel/kernel_includes.h>
+#include <executorch/runtime/kernel/operator_registry.h>
+
+extern "C" {
+typedef struct pthreadpool* pthreadpool_t;
+typedef void (*pthreadpool_task_1d_t)(void*, size_t);
+void pthreadpool_parallelize_1d(pthreadpool_t, pthreadpool_task_1d_t, void*, size_t, uint32_t);
+size_t pthreadpool_get_threads_count(pthreadpool_t);
+}
+namespace executorch::extension::threadpool {
+pthreadpool_t get_pthreadpool();
+}
+
+namespace {
+
+using executorch::aten::ScalarType;
+using executorch::aten::Tensor;
+using executorch::runtime::EValue;
+using executorch::runtime::KernelRuntimeContext;
+using executorch::runtime::Span;
+
+constexpr int kBlock = 32;
+constexpr int kRows = 8;
+
+// Quantize one row of K floats into K/32 int8 blocks: scale = max|x| / 127, q = nearest-even(x * (1 /
+// scale)) (the conversion's default rounding), and the blocks' sums (for the weights' +8 offset).
+void quantize_row(const float* x, int K, int8_t* q, float* scale, int32_t* sum) {
+  const __m256 sign = _mm256_set1_ps(-0.f);
+  const __m256i order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
+  for (int b = 0; b < K / kBlock; ++b) {
+    const float* xb = x + b * kBlock;
+    __m256 v[4];
+    __m256 amax = _mm256_setzero_ps();
+    for (int i = 0; i < 4; ++i) {
+      v[i] = _mm256_loadu_ps(xb + 8 * i);
+      amax = _mm256_max_ps(amax, _mm256_andnot_ps(sign, v[i]));
+    }
+    __m128 m = _mm_max_ps(_mm256_castps256_ps128(amax), _mm256_extractf128_ps(amax, 1));
+    m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+    m = _mm_max_ss(m, _mm_movehdup_ps(m));
+    const float d = _mm_cvtss_f32(m) / 127.f;
+    const __m256 id = _mm256_set1_ps(d != 0.f ? 1.f / d : 0.f);
+    __m256i i32[4];
+    for (int i = 0; i < 4; ++i) i32[i] = _mm256_cvtps_epi32(_mm256_mul_ps(v[i], id));
+    const __m256i s01 = _mm256_add_epi32(i32[0], i32[1]);
+    const __m256i s23 = _mm256_add_epi32(i32[2], i32[3]);
+    __m128i t = _mm_add_epi32(_mm256_castsi256_si128(_mm256_add_epi32(s01, s23)), _mm256_extracti128_si256(_mm256_add_epi32(s01, s23), 1));
+    t = _mm_hadd_epi32(t, t);
+    t = _mm_hadd_epi32(t, t);
+    // int32 -> int16 -> int8 packs interleave 128-bit lanes; the permute restores element order
+    const __m256i i16a = _mm256_packs_epi32(i32[0], i32[1]);
+    const __m256i i16b = _mm256_packs_epi32(i32[2], i32[3]);
+    const __m256i i8 = _mm256_permutevar8x32_epi32(_mm256_packs_epi16(i16a, i16b), order);
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(q + b * kBlock), i8);
+    scale[b] = d;
+    sum[b] = _mm_cvtsi128_si32(t);
+  }
+}
+
+inline __m256i reduce8(__m256i d0, __m256i d1, __m256i d2, __m256i d3, __m256i d4, __m256i d5, __m256i d6,
+                       __m256i d7) {
+  const __m256i t0 = _mm256_hadd_epi32(_mm256_hadd_epi32(d0, d1), _mm256_hadd_epi32(d2, d3));
+  const __m256i t1 = _mm256_hadd_epi32(_mm256_hadd_epi32(d4, d5), _mm256_hadd_epi32(d6, d7));
+  return _mm256_add_epi32(_mm256_permute2x128_si256(t0, t1, 0x20), _mm256_permute2x128_si256(t0, t1, 0x31));
+}
+
+struct Job {
+  int M, K, N;
+  const uint8_t* w;
+  const uint16_t* s;
+  const int8_t* xq;    // [M, K]
+  const float* xs;     // [M, K/32]
+  const int32_t* xsum; // [M, K/32]
+  float* y;            // [M, N]
+  size_t groups_per_task;
+};
+
+// One block's int32 dot products of 8 weight rows (unpacked, 0..15) with an int8 activation block.
+inline __m256i dot8(const __m256i* w, __m256i x, __m256i ones) {
+  __m256i d[kRows];
+  for (int r = 0; r < kRows; ++r) d[r] = _mm256_madd_epi16(_mm256_maddubs_epi16(w[r], x), ones);
+  return reduce8(d[0], d[1], d[2], d[3], d[4], d[5], d[6], d[7]);
+}
+
+// Rows [g*8, g*8+8) of every output row m, for the groups g of task t. Each weight block is
+// unpacked once and applied to every activation row; every output element sees the same float
+// operations in the same order (block by block, no FMA) whatever M is.
+void task(void* arg, size_t t) {
+  const Job& j = *static_cast<const Job*>(arg);
+  const int B = j.K / kBlock;
+  const size_t G = static_cast<size_t>(j.N / kRows);
+  const size_t g0 = t * j.groups_per_task;
+  const size_t g1 = std::min(G, g0 + j.groups_per_task);
+  const __m256i m4 = _mm256_set1_epi8(0x0F);
+  const __m256i ones = _mm256_set1_epi16(1);
+  const __m256i shift = _mm256_setr_epi32(0, 0, 0, 0, 4, 4, 4, 4);
+  thread_local std::vector<__m256> acc;
+  acc.resize(static_cast<size_t>(j.M));
+  for (size_t g = g0; g < g1; ++g) {
+    const uint8_t* wg = j.w + g * static_cast<size_t>(B) * kRows * 16;
+    const uint16_t* sg = j.s + g * static_cast<size_t>(B) * kRows;
+    for (int m = 0; m < j.M; ++m) acc[m] = _mm256_setzero_ps();
+    for (int b = 0; b < B; ++b) {
+      const uint8_t* wb = wg + static_cast<size_t>(b) * kRows * 16;
+      __m256i w[kRows];
+      for (int r = 0; r < kRows; ++r) {
+        const __m256i packed = _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(wb + 16 * r)));
+        w[r] = _mm256_and_si256(_mm256_srlv_epi32(packed, shift), m4);
+      }
+      const __m256 ws = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(sg + b * kRows)));
+      for (int m = 0; m < j.M; ++m) {
+        const size_t row = static_cast<size_t>(m) * B + b;
+        const __m256i x = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(j.xq + row * kBlock));
+        const __m256i dot = _mm256_sub_epi32(dot8(w, x, ones), _mm256_set1_epi32(8 * j.xsum[row]));
+        const __m256 sc = _mm256_mul_ps(ws, _mm256_set1_ps(j.xs[row]));
+        acc[m] = _mm256_add_ps(acc[m], _mm256_mul_ps(_mm256_cvtepi32_ps(dot), sc));  // no FMA: the reference rounds twice too
+      }
+    }
+    for (int m = 0; m < j.M; ++m) _mm256_storeu_ps(j.y + static_cast<size_t>(m) * j.N + g * kRows, acc[m]);
+  }
+}
+
+void q4_linear_out(KernelRuntimeContext& ctx, Span<EValue*> stack) {
+  const Tensor& x = stack[0]->toTensor();
+  const Tensor& w = stack[1]->toTensor();
+  const Tensor& s = stack[2]->toTensor();
+  Tensor& out = stack[3]->toTensor();
+  ET_KERNEL_CHECK_MSG(ctx, x.scalar_type() == ScalarType::Float && w.scalar_type() == ScalarType::Byte &&
+                               s.scalar_type() == ScalarType::Half && out.scalar_type() == ScalarType::Float,
+                      InvalidArgument, , "q4_linear: expected float x, uint8 qweight, half scales, float out");
+  ET_KERNEL_CHECK_MSG(ctx, w.dim() == 4 && w.size(2) == kRows && w.size(3) == 16, InvalidArgument, ,
+                      "q4_linear: qweight must be [N/8, K/32, 8, 16]");
+  const int N = static_cast<int>(w.size(0) * kRows);
+  const int K = static_cast<int>(w.size(1) * kBlock);
+  ET_KERNEL_CHECK_MSG(ctx, x.dim() >= 1 && x.size(x.dim() - 1) == K, InvalidArgument, ,
+                      "q4_linear: x's last dim must be K");
+  const int M = static_cast<int>(x.numel() / K);
+  executorch::aten::SizesType sizes[16];
+  for (int i = 0; i < x.dim(); ++i) sizes[i] = x.size(i);
+  sizes[x.dim() - 1] = N;
+  ET_KERNEL_CHECK(ctx, executorch::runtime::resize_tensor(out, {sizes, static_cast<size_t>(x.dim())}) ==
+                           executorch::runtime::Error::Ok, InvalidArgument, );
+  const int B = K / kBlock;
+  thread_local std::vector<int8_t> xq;
+  thread_local std::vector<float> xs;
+  thread_local std::vector<int32_t> xsum;
+  xq.resize(static_cast<size_t>(M) * K);
+  xs.resize(static_cast<size_t>(M) * B);
+  xsum.resize(static_cast<size_t>(M) * B);
+  const float* xp = x.const_data_ptr<float>();
+  for (int m = 0; m < M; ++m)
+    quantize_row(xp + static_cast<size_t>(m) * K, K, xq.data() + static_cast<size_t>(m) * K, xs.data() + m * B,
+                 xsum.data() + m * B);
+  Job job{M, K, N, w.const_data_ptr<uint8_t>(), reinterpret_cast<const uint16_t*>(s.const_data_ptr<executorch::aten::Half>()),
+          xq.data(), xs.data(), xsum.data(), out.mutable_data_ptr<float>(), 0};
+  pthreadpool_t pool = executorch::extension::threadpool::get_pthreadpool();
+  const size_t threads = pool ? pthreadpool_get_threads_count(pool) : 1;
+  const size_t G = static_cast<size_t>(N / kRows);
+  // A few tasks per thread so an unevenly loaded core does not hold the others back.
+  const size_t tasks = std::min(G, threads > 1 ? threads * 4 : 1);
+  job.groups_per_task = (G + tasks - 1) / tasks;
+  const size_t n_tasks = (G + job.groups_per_task - 1) / job.groups_per_task;
+  if (pool && n_tasks > 1) {
+    pthreadpool_parallelize_1d(pool, task, &job, n_tasks, 0);
+  } else {
+    for (size_t t = 0; t < n_tasks; ++t) task(&job, t);
+  }
+}
+
+const executorch::runtime::Kernel kKernels[] = {
+    executorch::runtime::Kernel("et_transformers::q4_linear.out", q4_linear_out),
+};
+
+struct Registrar {
+  Registrar() { (void)executorch::runtime::register_kernels({kKernels, 1}); }
+} registrar;
+
+}  // namespace

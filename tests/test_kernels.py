@@ -1,0 +1,148 @@
+"""Our own ExecuTorch kernel (``et_transformers::q4_linear``, the ``q4_0`` scheme): the C++ kernel
+equals its Python reference bit for bit in the runtime, a q4_0 program equals its eager model and
+decodes a token exactly as a longer forward scores it, and a program whose kernels cannot be
+loaded fails with a clear error."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+import tiny
+from et_transformers import ExportConfig, InvalidConfigError
+from et_transformers.errors import ProgramError
+from et_transformers.export import Exporter
+from et_transformers.export.quantize import Q4Linear, QuantizedLinear, quantize_model
+from et_transformers.kernels import ops
+from et_transformers.runtime import Program, _bindings, load_kernel_libraries, load_own_kernels, needs_own_kernels
+
+PROMPT = torch.tensor([[5, 9, 100, 33, 7, 200, 17, 4, 61]])
+
+
+def _weights(n: int, k: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(-8, 8, (n, k), dtype=torch.int8, generator=g), torch.rand(n, k // 32, generator=g) * 0.05
+
+
+def test_pack_round_trips():
+    qdata, scale = _weights(24, 64, 0)
+    qweight, scales = ops.pack_q4(qdata, scale)
+    assert (qweight.dtype, qweight.shape, scales.dtype, scales.shape) == (torch.uint8, (3, 2, 8, 16), torch.float16, (3, 2, 8))
+    back, back_scales = ops.unpack_q4(qweight, scales)
+    assert torch.equal(back, qdata) and torch.equal(back_scales, scale.half())
+    with pytest.raises(ValueError, match="out_features % 8"):
+        ops.pack_q4(qdata[:20], scale[:20])
+
+
+@pytest.fixture(scope="module")
+def linear_program(tmp_path_factory):
+    """A program of two q4_linear calls (one on XNNPACK-computed input), with its eager module."""
+    from executorch.exir import EdgeCompileConfig, to_edge_transform_and_lower
+    from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
+
+    class TwoLinears(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            for name, (n, k, seed) in {"a": (200, 96, 1), "b": (64, 200 - 8, 2)}.items():
+                qweight, scales = ops.pack_q4(*_weights(n, k, seed))
+                self.register_buffer(f"{name}_w", qweight)
+                self.register_buffer(f"{name}_s", scales)
+
+        def forward(self, x):
+            y = torch.ops.et_transformers.q4_linear(x, self.a_w, self.a_s)
+            return y, torch.ops.et_transformers.q4_linear(torch.relu(y[..., :192]), self.b_w, self.b_s)
+
+    module = TwoLinears().eval()
+    example = (torch.randn(1, 4, 96),)
+    exported = torch.export.export(module, example, dynamic_shapes=({1: torch.export.Dim("s", min=1, max=64)},))
+    program = to_edge_transform_and_lower(
+        exported, partitioner=[XnnpackPartitioner()], compile_config=EdgeCompileConfig(_check_ir_validity=False)
+    ).to_executorch()
+    path = tmp_path_factory.mktemp("q4-linear") / "two_linears.pte"
+    path.write_bytes(program.buffer)
+    load_kernel_libraries()
+    load_own_kernels(path)
+    return _bindings()._load_for_executorch(str(path)), module, path
+
+
+@pytest.mark.parametrize("rows", [1, 3, 40])
+def test_kernel_equals_reference_bit_for_bit(linear_program, rows):
+    runtime, module, _ = linear_program
+    x = torch.randn(1, rows, 96) * torch.logspace(-3, 3, rows).view(1, rows, 1)
+    x[0, 0, :32] = 0  # an all-zero block: scale 0
+    got = runtime.forward((x,))
+    expected = module(x)
+    for g, e in zip(got, expected):
+        assert torch.equal(g, e), float((g - e).abs().max())
+    # each row is computed as it would be alone
+    alone = runtime.forward((x[:, -1:].contiguous(),))[0]
+    assert torch.equal(alone[0, 0], got[0][0, -1])
+
+
+def test_program_records_that_it_needs_our_kernels(linear_program, tiny_llama_export):
+    assert needs_own_kernels(linear_program[2])
+    assert not needs_own_kernels(tiny_llama_export.output_dir / "model.pte")
+
+
+def test_unloadable_kernels_raise_a_clear_error(linear_program, monkeypatch):
+    from et_transformers import kernels
+
+    def fail():
+        raise kernels.KernelBuildError("no C++ compiler found (install g++ or set CXX)")
+
+    monkeypatch.setattr(kernels, "load", fail)
+    with pytest.raises(ProgramError, match=r"q4_linear.*q4_0.*no C\+\+ compiler"):
+        Program(linear_program[2])
+
+
+@pytest.fixture(scope="module")
+def q4_export(tiny_llama_dir, tmp_path_factory):
+    exporter = Exporter.from_pretrained(tiny_llama_dir, ExportConfig(max_seq_len=64, qlinear="q4_0", logits="all"))
+    exporter.pte = exporter.run(tmp_path_factory.mktemp("tiny-q4"))
+    return exporter
+
+
+def test_q4_program_equals_its_eager_model(q4_export, tiny_llama_model):
+    from et_transformers.export.wrapper import ExportableCausalLM
+
+    model = copy.deepcopy(tiny_llama_model)
+    report = quantize_model(model, q4_export.export_config)
+    assert report["linear"]["grouped"] == 15 and report["head"]["scheme"] == "q4_0"
+    assert all(isinstance(m, Q4Linear) for n, m in model.named_modules() if n.endswith(("_proj", "lm_head")))
+    eager = ExportableCausalLM(model, 64, logits="all").eval()
+    program = Program(q4_export.pte)
+    with torch.no_grad():
+        expected = eager(PROMPT, torch.arange(PROMPT.shape[1]))
+    got = program.forward_all(PROMPT, 0)
+    torch.testing.assert_close(got, expected, atol=1e-4, rtol=0)
+    with torch.no_grad():
+        float_logits = tiny_llama_model(PROMPT).logits
+    assert (got - float_logits).abs().max() > 1e-3, "the weights were not quantized"
+    operators = {f"{op.name}.{op.overload}" for op in q4_export.executorch_program.executorch_program.execution_plan[0].operators}
+    assert "et_transformers::q4_linear.out" in operators
+
+
+def test_q4_decode_step_scores_a_token_as_a_longer_forward_does(q4_export):
+    """One token decoded at position p gets the logits a multi-token forward gives position p: the
+    kernel computes every row alike, so verifying a draft scores it as plain decoding would."""
+    program = Program(q4_export.pte)
+    together = program.forward_all(PROMPT, 0)
+    program.forward_all(PROMPT[:, :-3], 0)
+    for i in range(PROMPT.shape[1] - 3, PROMPT.shape[1]):
+        step = program.forward_all(PROMPT[:, i : i + 1], i)
+        torch.testing.assert_close(step[0, -1], together[0, i], atol=1e-5, rtol=0)
+
+
+def test_q4_mixed_precision_and_bad_configs(tiny_llama_model):
+    model = copy.deepcopy(tiny_llama_model)
+    quantize_model(model, ExportConfig(qlinear="q4_0", qhead="8da8w", qlinear_8bit=("*.mlp.down_proj",)))
+    layer = model.model.layers[0]
+    assert isinstance(layer.mlp.up_proj, Q4Linear)
+    assert isinstance(layer.mlp.down_proj, QuantizedLinear) and layer.mlp.down_proj.bits == 8
+    assert isinstance(model.lm_head, QuantizedLinear) and model.lm_head.bits == 8
+    with pytest.raises(InvalidConfigError, match=r"qlinear='q4_0' needs dtype='float32'.*bfloat16"):
+        ExportConfig(qlinear="q4_0", dtype="bfloat16")
+    with pytest.raises(InvalidConfigError, match=r"qlinear_group_size=64 has no effect"):
+        ExportConfig(qlinear="q4_0", qlinear_group_size=64)
