@@ -24,7 +24,6 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "tests"))
 from et_transformers.threads import prefer_single_threaded_blas  # noqa: E402
 
 prefer_single_threaded_blas()  # before torch loads
@@ -118,10 +117,9 @@ def main() -> None:
         subprocess.run([sys.executable, str(ROOT / "examples" / "fetch_demo_model.py"), str(DEMO.parent)], check=True)
     import openai
 
-    from conftest import running
     from et_transformers import ETModelForCausalLM
     from et_transformers.bench import DEFAULT_TEXT, prompt_ids
-    from et_transformers.serving import create_app, load_slots
+    from et_transformers.serving import create_app, load_slots, running
 
     base = memory_mib()
     model = ETModelForCausalLM.from_pretrained(args.model, cache_dir=args.cache_dir, max_seq_len=args.max_seq_len)

@@ -119,8 +119,7 @@ def test_served_over_the_openai_api_it_answers_as_generate_does_and_caches_the_f
     the official openai client: greedy replies equal generate()'s, whole and streamed; a second
     turn re-sending the history prefills only the new turn."""
     openai = pytest.importorskip("openai")
-    from conftest import running
-    from et_transformers.serving import create_app
+    from et_transformers.serving import create_app, running
 
     tok = demo_model.tokenizer
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import socket
 import subprocess
 import sys
 import threading
@@ -20,11 +21,11 @@ import pytest
 import torch
 
 import tiny
-from conftest import ROOT, free_socket, running
+from conftest import ROOT
 
 pytest.importorskip("uvicorn")
 
-from et_transformers.serving import create_app, load_slots  # noqa: E402
+from et_transformers.serving import create_app, load_slots, running  # noqa: E402
 from et_transformers.serving.translation import PresenceFrequencyPenalty  # noqa: E402
 
 KEY = "test-key"
@@ -318,9 +319,9 @@ def test_models_health_and_prometheus_metrics(served, client):
 
 
 def test_cli_serve_starts_on_loopback_and_answers(cli_export):
-    sock = free_socket()
-    port = sock.getsockname()[1]
-    sock.close()
+    with socket.socket() as sock:  # a free port
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     proc = subprocess.Popen([sys.executable, "-m", "et_transformers.cli", "serve", str(cli_export[0]),
                              "--port", str(port), "--slots", "2", "--max-new-tokens", "5"],
