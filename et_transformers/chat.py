@@ -14,29 +14,18 @@ then holds other tokens) and re-reads the conversation.
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Iterator
 from typing import Any
 
-import torch
-
 from .errors import ContextFullError, ETTransformersError
 from .generation import GenerationStats
-from .streaming import GenerationResponse, stream
+from .prompt_cache import PromptCache, common_prefix_length
+from .streaming import GenerationResponse
 
-logger = logging.getLogger(__name__)
+__all__ = ["ChatSession", "common_prefix_length"]
 
 #: New tokens per reply when neither the call nor the model's generation config says.
 DEFAULT_MAX_NEW_TOKENS = 256
-
-
-def common_prefix_length(a: list[int], b: list[int]) -> int:
-    """Length of the longest common prefix of two token lists."""
-    n = min(len(a), len(b))
-    for i in range(n):
-        if a[i] != b[i]:
-            return i
-    return n
 
 
 class ChatSession:
@@ -74,8 +63,8 @@ class ChatSession:
         self.messages: list[dict[str, str]] = []
         self.reply_ids: list[int] = []
         self.stats = GenerationStats()
-        self._cached: list[int] = []  # the tokens at KV-cache positions 0 .. len-1
-        self._executions = -1  # program.executions right after our last turn
+        #: the tokens the program's KV cache holds for this conversation (see :class:`PromptCache`)
+        self.prompt_cache = PromptCache(model)
         self.reset()
 
     # -- state ------------------------------------------------------------------------------
@@ -88,12 +77,12 @@ class ChatSession:
     @property
     def context_used(self) -> int:
         """Tokens of the conversation held in the KV cache now."""
-        return len(self._cached)
+        return len(self.prompt_cache.tokens)
 
     def reset(self) -> None:
         """Forget the conversation (the system prompt stays); the next turn starts at position 0."""
         self.messages = [{"role": "system", "content": self.system_prompt}] if self.system_prompt else []
-        self._cached = []
+        self.prompt_cache.clear()
         self.reply_ids = []
         self.stats = GenerationStats()
 
@@ -103,15 +92,6 @@ class ChatSession:
             messages, add_generation_prompt=True, tokenize=True, return_dict=True
         )
         return list(encoded["input_ids"])
-
-    def _reusable_prefix(self, ids: list[int]) -> int:
-        program = self.model.program
-        if program.executions != self._executions:
-            if self._cached:
-                logger.info("The program ran outside this chat since its last turn: re-reading the history.")
-            return 0
-        # At least one token must be prefilled to get logits for the next one.
-        return min(common_prefix_length(self._cached, ids), len(ids) - 1)
 
     # -- turns ------------------------------------------------------------------------------
 
@@ -134,17 +114,8 @@ class ChatSession:
             ValueError: invalid generation options.
         """
         messages, ids, options = self._prepare_turn(text, generation_kwargs)
-        with self.model.program.lock:  # the cache check, the turn and its bookkeeping, as one
-            cached = self._reusable_prefix(ids)
-            out, stats = self.model._generator.generate(
-                self.model.generation_config,
-                torch.tensor([ids], dtype=torch.long),
-                streamer=streamer,
-                cached_prefix=cached,
-                **options,
-            )
-            sequences = out if isinstance(out, torch.Tensor) else out.sequences  # return_dict_in_generate
-            return self._finish_turn(messages, ids, sequences[0, len(ids):].tolist(), cached, stats)
+        new, cached, stats = self.prompt_cache.generate(ids, streamer=streamer, **options)
+        return self._finish_turn(messages, ids, new, cached, stats)
 
     def stream(self, text: str, **generation_kwargs: Any) -> Iterator[GenerationResponse]:
         """Like :meth:`send`, but yield the reply token by token as it is produced.
@@ -166,40 +137,9 @@ class ChatSession:
                 cache reuse is decided then, while the stream holds the model).
         """
         messages, ids, options = self._prepare_turn(text, generation_kwargs)
-        return self._stream_turn(messages, ids, options)
-
-    def _stream_turn(self, messages, ids, options) -> Iterator[GenerationResponse]:
-        with self.model.program.lock:  # held for the whole turn, as in send()
-            cached = self._reusable_prefix(ids)
-            finished = []
-            records = stream(
-                self.model._generator,
-                self.model.generation_config,
-                torch.tensor([ids], dtype=torch.long),
-                cached_prefix=cached,
-                on_finish=lambda stats, new: finished.append((stats, new)),
-                **options,
-            )
-            program = self.model.program
-            last = failed = None
-            try:
-                for record in records:
-                    last = program.executions  # what this turn has run so far
-                    yield record
-            except GeneratorExit:
-                raise
-            except BaseException:
-                failed = True
-                raise
-            finally:
-                records.close()
-                if finished:
-                    stats, new = finished[0]
-                    self._finish_turn(messages, ids, new, cached, stats)
-                    if failed or program.executions != last:
-                        # The turn broke off, or something else ran the program while it was
-                        # paused: the cache no longer holds this conversation; re-read it next turn.
-                        self._cached, self._executions = [], -1
+        return self.prompt_cache.stream(
+            ids, on_finish=lambda stats, new, cached: self._finish_turn(messages, ids, new, cached, stats), **options
+        )
 
     def _prepare_turn(self, text: str, generation_kwargs: dict[str, Any]):
         """``(messages with the new one, their token ids, this turn's generate() options)``."""
@@ -218,18 +158,15 @@ class ChatSession:
         return messages, ids, options
 
     def _finish_turn(self, messages, ids: list[int], new: list[int], cached: int, stats: GenerationStats) -> str:
-        """Record a finished turn (reply, cache contents, stats) and return the reply text."""
+        """Record a finished turn (reply, stats) and return the reply text."""
         row = ids + new
-        # The last sampled token was never fed to the program: the cache holds all but it.
-        self._cached = row[:-1]
-        self._executions = self.model.program.executions
         self.reply_ids = new
         reply = self.tokenizer.decode(self.reply_ids, skip_special_tokens=True)
         self.messages = [*messages, {"role": "assistant", "content": reply}]
         stats.extra.update(
             cached_tokens=cached,
             prefilled_tokens=len(ids) - cached,
-            context_used=len(self._cached),
+            context_used=self.context_used,
             context_size=self.context_size,
             context_full=len(row) >= self.context_size,
         )

@@ -1,6 +1,7 @@
 """The ``et-transformers`` command line: the parser and the entry point.
 
-Subcommands: ``export``, ``generate``, ``chat``, ``inspect``, ``profile``, ``bench`` and ``cache``.
+Subcommands: ``export``, ``generate``, ``chat``, ``serve``, ``inspect``, ``profile``, ``bench`` and
+``cache``.
 This module only parses: each subcommand's options map one-to-one onto ``ExportConfig`` fields and
 ``generate()`` keywords (validated by them, never here), and :mod:`.cli_commands` runs the command
 through the Python API; :mod:`.cli_output` formats the results. Long work shows tqdm bars on a
@@ -145,7 +146,7 @@ def build_parser() -> argparse.ArgumentParser:
                          help="show logs, and tracebacks on errors")
     parser = _Parser(
         prog=PROG,
-        description="Run Hugging Face causal LMs on ExecuTorch: export, generate, chat, inspect, profile, bench.",
+        description="Run Hugging Face causal LMs on ExecuTorch: export, generate, chat, serve, inspect, profile, bench.",
     )
     parser.add_argument("--verbose", "-v", action="store_true", help="show logs, and tracebacks on errors")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -173,6 +174,20 @@ def build_parser() -> argparse.ArgumentParser:
     _add_tokenizer_option(p)
     p.add_argument("--system", help="system prompt opening the conversation")
     p.add_argument("--stats", action="store_true", help="print each turn's figures (TTFT, tokens prefilled)")
+    _add_sampling_options(p, max_new_tokens=256)
+
+    p = command("serve", commands.cmd_serve,
+                "an OpenAI-compatible HTTP server (/v1/chat/completions, /v1/completions) with prompt caching")
+    _add_load_options(p)
+    _add_tokenizer_option(p)
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default %(default)s: this machine only)")
+    p.add_argument("--port", type=int, default=8000, help="TCP port (default %(default)s)")
+    p.add_argument("--slots", type=int, default=1,
+                   help="programs loaded side by side, each with its own KV cache: requests served in parallel "
+                        "(default %(default)s)")
+    p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on /v1/ routes")
+    p.add_argument("--max-queue", type=int, default=16,
+                   help="requests that may wait for a free slot; more get 429 (default %(default)s)")
     _add_sampling_options(p, max_new_tokens=256)
 
     p = command("inspect", commands.cmd_inspect, "methods, metadata, size and delegation table of a program")

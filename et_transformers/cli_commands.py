@@ -2,7 +2,7 @@
 
 :mod:`.cli` parses the command line and hands the parsed arguments to a ``cmd_*`` function here.
 Each is a few calls into the Python API (:class:`~et_transformers.ETModelForCausalLM`,
-:class:`~et_transformers.chat.ChatSession`, :mod:`.inspection`, :mod:`.profiling`, :mod:`.bench`,
+:class:`~et_transformers.chat.ChatSession`, :mod:`.serving`, :mod:`.inspection`, :mod:`.profiling`, :mod:`.bench`,
 :mod:`.cache`) with options mapped one-to-one onto ``ExportConfig`` fields and ``generate()``
 keywords, whose validation is theirs; :mod:`.cli_output` formats what they return. Results go to
 stdout, diagnostics and per-turn figures to stderr.
@@ -228,6 +228,31 @@ def cmd_chat(args: argparse.Namespace) -> int:
             _err(_chat_stats(session))
         if session.stats.extra.get("context_full"):
             _err("(the context is now full: the reply was cut; /reset to start a new conversation)")
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    """Serve the model over an OpenAI-compatible HTTP API until interrupted."""
+    try:
+        from .serving import create_app, load_slots, run
+    except ImportError as e:
+        raise ETTransformersError(
+            f"'serve' needs the server's packages ({e.name} is missing): pip install 'et-transformers[serve]'."
+        ) from e
+    if args.draft and args.slots > 1:
+        raise InvalidConfigError(
+            f"--draft with --slots {args.slots}: the slots would share one draft model and its KV cache. "
+            f"Use --slots 1 with --draft, or --prompt-lookup (no draft model) with several slots."
+        )
+    model = _load(args)
+    models = load_slots(model, args.slots)
+    app = create_app(models, model_id=args.model, api_key=args.api_key, max_queue=args.max_queue,
+                     defaults=_generation_kwargs(args))
+    meta = model.program.metadata
+    _err(f"Serving {args.model} on http://{args.host}:{args.port}/v1 ({args.slots} slot(s), context "
+         f"{meta.max_context_len} tokens, queue {args.max_queue}{', API key required' if args.api_key else ''}). "
+         f"Ctrl-C stops.")
+    run(app, host=args.host, port=args.port, log_level="info" if getattr(args, "verbose", False) else "warning")
+    return 0
 
 
 def _export_options_given(args: argparse.Namespace) -> list[str]:

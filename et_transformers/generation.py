@@ -124,10 +124,10 @@ def _simple_stop(criteria) -> tuple[int, frozenset[int]] | None:
     return None if max_length is None else (max_length, eos)
 
 
-def _choose(scores: torch.Tensor, do_sample: bool) -> int:
-    """The next token from ``scores`` ``[1, V]``: sampled, or the argmax."""
+def _choose(scores: torch.Tensor, do_sample: bool, rng: torch.Generator | None = None) -> int:
+    """The next token from ``scores`` ``[1, V]``: sampled (from ``rng``, else torch's global RNG), or the argmax."""
     if do_sample:
-        return int(torch.multinomial(torch.softmax(scores, dim=-1), num_samples=1))
+        return int(torch.multinomial(torch.softmax(scores, dim=-1), num_samples=1, generator=rng))
     return int(np.argmax(scores.float().numpy()))  # single-threaded: cheaper than torch's here
 
 
@@ -298,7 +298,7 @@ class Generator:
                 scores.append(step_scores.clone())
             if logits is not None:
                 logits.append(step_logits.clone())
-            token = plan_.pad_token_id if pad else _choose(step_scores, plan_.generation_config.do_sample)
+            token = plan_.pad_token_id if pad else _choose(step_scores, plan_.generation_config.do_sample, plan_.rng)
             row[0, length] = token
             if length + 1 < row.shape[-1]:
                 step_logits = self.program.decode(token, pos)
@@ -360,7 +360,7 @@ class Generator:
                 if drafted and drafted[0][2] is not None:  # a sampled draft token: its q is known
                     token = speculative_choice(scores, drafted[0][0], drafted[0][2])
                 else:
-                    token = _choose(scores, do_sample)
+                    token = _choose(scores, do_sample, plan_.rng)
                 ids_buffer[0, length] = token
                 length += 1
                 stats.generated_tokens += 1

@@ -469,6 +469,29 @@ class ETModelForCausalLM:
                                     str(self.pte_path.parent), feature)
         return self.tokenizer
 
+    def replica(self, *, warmup: bool = True) -> "ETModelForCausalLM":
+        """Another model object on the same ``.pte``, with a KV cache of its own, for parallel work.
+
+        The program is loaded again (ExecuTorch memory-maps the file, so the weights' pages are
+        shared with this object; the KV cache, activations and any weights the backend repacks
+        are the replica's own); tokenizer, configs and manifest are shared, the generation config
+        is copied. Nothing is exported or verified again.
+
+        Args:
+            warmup: see :meth:`from_pretrained`.
+        """
+        import copy
+
+        return type(self)._load(
+            self.pte_path,
+            t0=time.perf_counter(),
+            warmup=warmup,
+            manifest=self.manifest,
+            tokenizer=self.tokenizer,
+            config=self._config,
+            generation_config=copy.deepcopy(self.generation_config),
+        )
+
     def warmup(self) -> None:
         """Run one token through the program so XNNPACK packs its weights now.
 
@@ -572,7 +595,9 @@ class ETModelForCausalLM:
             **kwargs: ``GenerationConfig`` fields (``max_new_tokens``, ``do_sample``,
                 ``temperature``, ``top_k``, ``top_p``, ``min_p``, ``repetition_penalty``,
                 ``eos_token_id``, ``stop_strings``, ``max_time``, ``return_dict_in_generate``,
-                ``output_scores``, ``output_logits``...) and ``tokenizer`` (for ``stop_strings``).
+                ``output_scores``, ``output_logits``...), ``tokenizer`` (for ``stop_strings``) and
+                ``rng`` (a ``torch.Generator`` that sampling draws from instead of torch's global
+                RNG: reproducible sampling while other threads sample too).
                 Unknown or unsupported keywords raise ``ValueError``. Assisted generation, as in
                 transformers: ``prompt_lookup_num_tokens=N`` (with ``max_matching_ngram_size``)
                 drafts by n-gram lookup in the text so far; ``assistant_model=`` another

@@ -43,6 +43,7 @@ class GenerationPlan:
         stopping_criteria: the stopping criteria.
         pad_token_id: what fills a row after it stopped.
         assistant: ``assistant_model`` (another ``ETModelForCausalLM``) drafting for the call, if any.
+        rng: the ``torch.Generator`` sampling draws from (``None``: torch's global RNG).
     """
 
     input_ids: torch.Tensor
@@ -52,6 +53,7 @@ class GenerationPlan:
     stopping_criteria: sc.StoppingCriteriaList
     pad_token_id: int
     assistant: Any = None
+    rng: torch.Generator | None = None
 
 
 def merge_config(default: GenerationConfig, generation_config: GenerationConfig | None, kwargs: dict[str, Any]):
@@ -323,7 +325,16 @@ def plan(
         ValueError: see ``ETModelForCausalLM.generate``.
     """
     assistant = kwargs.pop("assistant_model", None)
+    rng = kwargs.pop("rng", None)
     gc, user = merge_config(default_generation_config, generation_config, kwargs)
+    if rng is not None:
+        if not isinstance(rng, torch.Generator):
+            raise ValueError(f"rng={rng!r} must be a torch.Generator (e.g. torch.Generator().manual_seed(0)).")
+        if assistant is not None or gc.prompt_lookup_num_tokens:
+            raise ValueError(
+                "rng= applies to plain sampling; assisted generation draws from torch's global RNG "
+                "(seed it with torch.manual_seed)."
+            )
     input_ids = check_input_ids(input_ids, vocab_size)
     prompt_len = input_ids.shape[-1]
     eos, pad = _special_tokens(gc)
@@ -337,4 +348,5 @@ def plan(
     processors = [build_logits_processors(gc, eos, prompt_len, mask[b], custom_processors) for b in range(len(mask))]
     custom_criteria = stopping_criteria if stopping_criteria is not None else sc.StoppingCriteriaList()
     criteria = build_stopping_criteria(gc, eos, custom_criteria, tokenizer, max_pos)
-    return GenerationPlan(input_ids, mask, gc, processors, criteria, int(pad) if pad is not None else 0, assistant)
+    pad_id = int(pad) if pad is not None else 0
+    return GenerationPlan(input_ids, mask, gc, processors, criteria, pad_id, assistant, rng)

@@ -6,10 +6,14 @@ and shared by every test that reads it; tests that need a private cache get thei
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import os
+import socket
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -129,3 +133,30 @@ def cli_model(cli_export):
     from et_transformers import ETModelForCausalLM
 
     return ETModelForCausalLM.from_pretrained(cli_export[0])
+
+
+def free_socket() -> socket.socket:
+    """A TCP socket bound to a free port of 127.0.0.1."""
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    return sock
+
+
+@contextlib.contextmanager
+def running(app):
+    """``app`` served by uvicorn on a free port of 127.0.0.1, in a thread; yields the base URL."""
+    import uvicorn
+
+    sock = free_socket()
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert server.started
+    try:
+        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
+    finally:
+        server.should_exit = True
+        thread.join(30)

@@ -22,7 +22,7 @@ def test_second_turn_prefills_only_the_new_tokens_and_matches_a_full_prefill(cli
     chat = ChatSession(cli_model, **GREEDY)
     chat.send("What is the capital of France?")
     turn1 = chat.stats.extra
-    cached_after_turn1 = list(chat._cached)
+    cached_after_turn1 = list(chat.prompt_cache.tokens)
     chat.send("And of Italy?")
     turn2 = chat.stats.extra
     ids2 = chat.render(chat.messages[:-1])
@@ -40,7 +40,7 @@ def test_a_history_that_renders_differently_is_re_read_from_the_first_difference
     chat = ChatSession(cli_model, **GREEDY)
     chat.send("Tell me about the weather.")
     chat.messages[-1]["content"] = "It is sunny."  # the cache no longer matches the rendered history
-    cached = list(chat._cached)
+    cached = list(chat.prompt_cache.tokens)
     chat.send("And tomorrow?")
     ids = chat.render(chat.messages[:-1])
     assert chat.stats.extra["cached_tokens"] == common_prefix_length(cached, ids) < len(cached)

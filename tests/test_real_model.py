@@ -114,6 +114,39 @@ def test_cpp_runner_generates_the_same_greedy_tokens(demo_model):
     assert "".join(pieces) == tok.decode(out[0, ids.shape[1]:])
 
 
+def test_served_over_the_openai_api_it_answers_as_generate_does_and_caches_the_first_turn(demo_model):
+    """The demo model behind ``et-transformers serve``'s app (one slot: this model object), driven by
+    the official openai client: greedy replies equal generate()'s, whole and streamed; a second
+    turn re-sending the history prefills only the new turn."""
+    openai = pytest.importorskip("openai")
+    from et_transformers.serving import create_app, running
+
+    tok = demo_model.tokenizer
+
+    def render(messages):
+        return tok.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt",
+                                       return_dict=True)["input_ids"]
+
+    first = [{"role": "user", "content": "What is the capital of France?"}]
+    ids = render(first)
+    expected = tok.decode(demo_model.generate(ids, max_new_tokens=24, do_sample=False)[0, ids.shape[1]:],
+                          skip_special_tokens=True)
+    with running(create_app([demo_model], model_id="smollm2")) as url:
+        client = openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=0)
+        ask = dict(model="smollm2", max_tokens=24, temperature=0)
+        whole = client.chat.completions.create(messages=first, **ask)
+        streamed = "".join(c.choices[0].delta.content or "" for c in
+                           client.chat.completions.create(messages=first, stream=True, **ask) if c.choices)
+        history = first + [{"role": "assistant", "content": whole.choices[0].message.content},
+                           {"role": "user", "content": "And of Italy?"}]
+        second = client.chat.completions.create(messages=history, **ask)
+    assert whole.choices[0].message.content == streamed == expected and "Paris" in expected
+    assert second.usage.prompt_tokens_details.cached_tokens >= whole.usage.prompt_tokens + whole.usage.completion_tokens - 1
+    ids2 = render(history)
+    out2 = demo_model.generate(ids2, max_new_tokens=24, do_sample=False)
+    assert second.choices[0].message.content == tok.decode(out2[0, ids2.shape[1]:], skip_special_tokens=True)
+
+
 # -- quality of the recipes (issue: quantization recipes with measured quality) ----------------------
 
 

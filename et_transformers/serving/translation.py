@@ -1,0 +1,226 @@
+"""OpenAI request fields to a generation call, and generation records back to OpenAI's vocabulary.
+
+A validated request (:mod:`.schemas`) becomes the prompt's token ids (the chat template for
+messages, the tokenizer for a text prompt) and ``stream_generate()`` options: OpenAI's
+``temperature`` (0 = greedy; omitted = the server's default, greedy unless started with
+``--do-sample``), ``top_p``, ``stop``, ``seed`` (a per-request ``torch.Generator``, so
+sampling is reproducible while other slots sample too), ``logit_bias`` (transformers'
+``sequence_bias``) and ``presence_penalty``/``frequency_penalty`` (:class:`PresenceFrequencyPenalty`,
+a logits processor). Limits are checked here, before a request waits for a slot, and a violation
+is an :class:`~.schemas.APIError` naming the value, the limit and the fix. Going back,
+:data:`FINISH_REASONS` maps our finish reasons to OpenAI's and :func:`token_logprob` formats
+log-probabilities.
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers.generation.logits_process import LogitsProcessor
+
+from .schemas import (
+    UNSUPPORTED_REASONS,
+    APIError,
+    ChatCompletionRequest,
+    CompletionRequest,
+    TokenLogprob,
+    TopLogprob,
+    unsupported,
+)
+
+#: Our finish reasons (see ``GenerationResponse.finish_reason``) as OpenAI names them.
+FINISH_REASONS = {
+    "eos": "stop",
+    "stop_string": "stop",
+    "criteria": "stop",
+    "length": "length",
+    "context": "length",
+    "max_time": "length",
+}
+
+#: Options the server's defaults may hold that only apply when sampling.
+_SAMPLING_ONLY = ("temperature", "top_k", "top_p", "min_p")
+
+
+class PresenceFrequencyPenalty(LogitsProcessor):
+    """OpenAI's presence and frequency penalties as a transformers logits processor.
+
+    For every token that already appeared in the completion so far (the prompt does not count),
+    ``presence_penalty`` is subtracted once and ``frequency_penalty`` once per appearance:
+    ``logit[t] -= presence * (count[t] > 0) + frequency * count[t]``.
+
+    Args:
+        prompt_length: tokens of the prompt at the start of ``input_ids`` (not penalized).
+        presence_penalty: subtracted once from each token that appeared.
+        frequency_penalty: subtracted per appearance.
+    """
+
+    def __init__(self, prompt_length: int, presence_penalty: float, frequency_penalty: float):
+        self.prompt_length = prompt_length
+        self.presence_penalty = presence_penalty
+        self.frequency_penalty = frequency_penalty
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        """Penalized copy of ``scores`` ``[B, V]`` given ``input_ids`` ``[B, L]``."""
+        completion = input_ids[:, self.prompt_length :]  # [B, new]
+        if completion.shape[-1] == 0:
+            return scores
+        counts = torch.zeros_like(scores)
+        counts.scatter_add_(1, completion, torch.ones_like(completion, dtype=scores.dtype))
+        return scores - self.presence_penalty * (counts > 0).to(scores.dtype) - self.frequency_penalty * counts
+
+
+# -- prompts --------------------------------------------------------------------------------------
+
+
+def chat_prompt(tokenizer, request: ChatCompletionRequest) -> list[int]:
+    """The messages through the tokenizer's chat template, ready for the assistant's reply.
+
+    Raises:
+        APIError: the tokenizer has no chat template (400).
+    """
+    if not getattr(tokenizer, "chat_template", None):
+        raise APIError(400, "This model's tokenizer has no chat template: use /v1/completions with a text "
+                            "prompt instead.", param="messages", code="no_chat_template")
+    messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()}
+                for m in request.messages]
+    encoded = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True)
+    return list(encoded["input_ids"])
+
+
+def completion_prompt(tokenizer, request: CompletionRequest, vocab_size: int) -> list[int]:
+    """The prompt's token ids: a string tokenized, or token ids checked against the vocabulary.
+
+    Raises:
+        APIError: several prompts, an empty one, or ids outside the vocabulary (400).
+    """
+    prompt = request.prompt
+    if isinstance(prompt, list) and prompt and isinstance(prompt[0], (str, list)):
+        if len(prompt) != 1:
+            raise APIError(400, f"prompt holds {len(prompt)} prompts; this server takes one prompt per request: "
+                                f"send one request per prompt.", param="prompt")
+        prompt = prompt[0]
+    ids = tokenizer(prompt)["input_ids"] if isinstance(prompt, str) else list(prompt)
+    if not ids:
+        raise APIError(400, "prompt is empty: it needs at least one token.", param="prompt")
+    bad = [i for i in ids if not 0 <= i < vocab_size]
+    if bad:
+        raise APIError(400, f"prompt token id {bad[0]} is outside the vocabulary [0, {vocab_size}).", param="prompt")
+    return ids
+
+
+# -- options --------------------------------------------------------------------------------------
+
+
+def check_supported(request) -> None:
+    """Raise a 400 naming the first field set to something the server does not implement (or that
+    does not apply: ``stream_options`` without ``stream``)."""
+    if request.stream_options is not None and not request.stream:
+        raise APIError(400, "stream_options applies to streamed responses only: set stream=true, or drop "
+                            "stream_options.", param="stream_options")
+    found = unsupported(request)
+    if found is not None:
+        name, value = found
+        raise APIError(400, f"{name}={value!r} is not supported: {UNSUPPORTED_REASONS[name]}. Remove {name} "
+                            f"from the request.", param=name, code="unsupported_parameter")
+
+
+def _max_new_tokens(request, prompt_len: int, context: int, default: int) -> int:
+    """The request's token budget, checked against what the context leaves after the prompt."""
+    where = "messages" if isinstance(request, ChatCompletionRequest) else "prompt"
+    room = context - prompt_len
+    if room < 1:
+        raise APIError(400, f"This model's maximum context length is {context} tokens, but the {where} has "
+                            f"{prompt_len} tokens, leaving no room for a reply. Shorten the {where}, or export "
+                            f"the model with a larger --max-seq-len.", param=where, code="context_length_exceeded")
+    name, wanted = "max_tokens", request.max_tokens
+    if isinstance(request, ChatCompletionRequest) and request.max_completion_tokens is not None:
+        name, wanted = "max_completion_tokens", request.max_completion_tokens
+    if wanted is None:
+        return min(default, room)
+    if wanted > room:
+        raise APIError(400, f"{name}={wanted} with a {prompt_len}-token {where} needs {prompt_len + wanted} "
+                            f"positions, but this model's maximum context length is {context} tokens: at most "
+                            f"{room} new tokens fit. Lower {name}.", param=name, code="context_length_exceeded")
+    return wanted
+
+
+def _logit_bias(bias: dict[str, float], vocab_size: int) -> dict[tuple[int, ...], float]:
+    out = {}
+    for key, value in bias.items():
+        if not key.lstrip("-").isdigit() or not 0 <= int(key) < vocab_size:
+            raise APIError(400, f"logit_bias key {key!r} is not a token id in [0, {vocab_size}).", param="logit_bias")
+        if not -100 <= value <= 100:
+            raise APIError(400, f"logit_bias[{key!r}]={value} is outside [-100, 100].", param="logit_bias")
+        out[(int(key),)] = float(value)
+    return out
+
+
+def generation_options(request, prompt_len: int, *, context: int, vocab_size: int, defaults: dict) -> dict:
+    """``stream_generate()`` keywords for ``request``, over the server's ``defaults``.
+
+    Args:
+        request: a validated chat or completion request.
+        prompt_len: tokens of its prompt.
+        context: the program's context (KV-cache positions).
+        vocab_size: size of the program's vocabulary.
+        defaults: the server's generation options (from the command line); ``max_new_tokens`` there
+            is the budget of a request that sets none (shortened to what the context leaves).
+
+    Raises:
+        APIError: a limit the request exceeds (400). Unsupported fields are :func:`check_supported`'s.
+    """
+    options = {k: v for k, v in defaults.items() if k != "max_new_tokens"}
+    options["max_new_tokens"] = _max_new_tokens(request, prompt_len, context, defaults.get("max_new_tokens", 256))
+    if request.temperature is not None:
+        options["do_sample"] = request.temperature > 0
+        if options["do_sample"]:
+            options["temperature"] = request.temperature
+    if request.top_p is not None:
+        options["top_p"] = request.top_p
+    if not options.get("do_sample"):
+        if request.top_p is not None and request.top_p < 1:
+            raise APIError(400, f"top_p={request.top_p} applies to sampling, but this request decodes greedily "
+                                f"(temperature={request.temperature}; the server samples by default only when "
+                                f"started with --do-sample). Set temperature > 0 to sample, or drop top_p.",
+                           param="top_p")
+        for name in _SAMPLING_ONLY:
+            options.pop(name, None)
+    elif request.seed is not None:
+        options["rng"] = torch.Generator().manual_seed(request.seed)
+    stops = request.stop_strings()
+    if stops:
+        options["stop_strings"] = stops
+    if request.logit_bias:
+        options["sequence_bias"] = _logit_bias(request.logit_bias, vocab_size)
+    if request.presence_penalty or request.frequency_penalty:
+        options["logits_processor"] = [
+            PresenceFrequencyPenalty(prompt_len, request.presence_penalty, request.frequency_penalty)
+        ]
+    if isinstance(request, ChatCompletionRequest):
+        if request.top_logprobs and not request.logprobs:
+            raise APIError(400, f"top_logprobs={request.top_logprobs} needs logprobs=true.", param="top_logprobs")
+        options["logprobs"] = bool(request.logprobs)
+        options["top_logprobs"] = (request.top_logprobs or 0) if request.logprobs else 0
+    else:
+        options["logprobs"] = request.logprobs is not None
+        options["top_logprobs"] = request.logprobs or 0
+    return options
+
+
+# -- results --------------------------------------------------------------------------------------
+
+
+def token_text(tokenizer, token: int) -> str:
+    """One token's text (special tokens included, as OpenAI's logprobs show them)."""
+    return tokenizer.decode([token], skip_special_tokens=False)
+
+
+def token_logprob(tokenizer, token: int, logprob: float, top: list[tuple[int, float]] | None) -> TokenLogprob:
+    """A chat logprobs entry: the token, its log-probability, its bytes and the top alternatives."""
+
+    def entry(t: int, lp: float) -> TopLogprob:
+        text = token_text(tokenizer, t)
+        return TopLogprob(token=text, logprob=lp, bytes=list(text.encode("utf-8")))
+
+    chosen = entry(token, logprob)
+    return TokenLogprob(**chosen.model_dump(), top_logprobs=[entry(t, lp) for t, lp in top or []])
