@@ -326,6 +326,12 @@ class ExportConfig:
             )
 
     @property
+    def uses_own_kernels(self) -> bool:
+        """Whether the program needs our kernel library (:data:`OWN_KERNEL_SCHEMES`); such programs
+        also run their float32 attention through our ``et_transformers::sdpa`` kernel."""
+        return any(s in OWN_KERNEL_SCHEMES for s in (self.qlinear, self.head_scheme))
+
+    @property
     def head_scheme(self) -> str | None:
         """The output head's scheme: ``qlinear`` when ``qhead`` is ``"same"``, else ``qhead``."""
         return self.qlinear if self.qhead in ("same", AUTO) else self.qhead

@@ -14,7 +14,7 @@ import tiny
 from et_transformers import ExportConfig, InvalidConfigError
 from et_transformers.errors import ProgramError
 from et_transformers.export import Exporter
-from et_transformers.export.quantize import Q4Linear, QuantizedLinear, quantize_model
+from et_transformers.export.quantize import Q4Linear, Q4LinearSlice, QuantizedLinear, quantize_model
 from et_transformers.kernels import ops
 from et_transformers.runtime import Program, _bindings, load_kernel_libraries, load_own_kernels, needs_own_kernels
 
@@ -110,7 +110,10 @@ def test_q4_program_equals_its_eager_model(q4_export, tiny_llama_model):
     model = copy.deepcopy(tiny_llama_model)
     report = quantize_model(model, q4_export.export_config)
     assert report["linear"]["grouped"] == 15 and report["head"]["scheme"] == "q4_0"
-    assert all(isinstance(m, Q4Linear) for n, m in model.named_modules() if n.endswith(("_proj", "lm_head")))
+    assert report["q4_0_fused"] == 4  # q/k/v and gate/up of each of the 2 layers: one call each
+    attention = model.model.layers[0].self_attn
+    assert isinstance(attention.q_proj, Q4LinearSlice) and attention.q_proj._fused[0] is attention.qkv_fused
+    assert isinstance(model.model.layers[0].mlp.down_proj, Q4Linear) and isinstance(model.lm_head, Q4Linear)
     eager = ExportableCausalLM(model, 64, logits="all").eval()
     program = Program(q4_export.pte)
     with torch.no_grad():
@@ -121,7 +124,8 @@ def test_q4_program_equals_its_eager_model(q4_export, tiny_llama_model):
         float_logits = tiny_llama_model(PROMPT).logits
     assert (got - float_logits).abs().max() > 1e-3, "the weights were not quantized"
     operators = {f"{op.name}.{op.overload}" for op in q4_export.executorch_program.executorch_program.execution_plan[0].operators}
-    assert "et_transformers::q4_linear.out" in operators
+    assert {"et_transformers::q4_linear.out", "et_transformers::sdpa.out"} <= operators
+    assert "llama::custom_sdpa.out" not in operators
 
 
 def test_q4_decode_step_scores_a_token_as_a_longer_forward_does(q4_export):
@@ -139,10 +143,39 @@ def test_q4_mixed_precision_and_bad_configs(tiny_llama_model):
     model = copy.deepcopy(tiny_llama_model)
     quantize_model(model, ExportConfig(qlinear="q4_0", qhead="8da8w", qlinear_8bit=("*.mlp.down_proj",)))
     layer = model.model.layers[0]
-    assert isinstance(layer.mlp.up_proj, Q4Linear)
+    assert isinstance(layer.mlp.up_proj, Q4LinearSlice)
     assert isinstance(layer.mlp.down_proj, QuantizedLinear) and layer.mlp.down_proj.bits == 8
     assert isinstance(model.lm_head, QuantizedLinear) and model.lm_head.bits == 8
     with pytest.raises(InvalidConfigError, match=r"qlinear='q4_0' needs dtype='float32'.*bfloat16"):
         ExportConfig(qlinear="q4_0", dtype="bfloat16")
     with pytest.raises(InvalidConfigError, match=r"qlinear_group_size=64 has no effect"):
         ExportConfig(qlinear="q4_0", qlinear_group_size=64)
+
+
+@pytest.fixture(scope="module")
+def attention_program(tmp_path_factory):
+    """A program of one ``et_transformers::sdpa`` call (q of 1-32 tokens, caches of 128 positions)."""
+    from executorch.exir import EdgeCompileConfig, to_edge
+
+    class Attention(torch.nn.Module):
+        def forward(self, q, k, v, pos):
+            return torch.ops.et_transformers.sdpa(q, k, v, pos.item(), 0.125)
+
+    example = (torch.randn(1, 3, 6, 64), torch.randn(1, 128, 2, 64), torch.randn(1, 128, 2, 64), torch.tensor([5]))
+    s = torch.export.Dim("s", min=1, max=32)
+    exported = torch.export.export(Attention(), example, dynamic_shapes=({1: s}, None, None, None), strict=False)
+    path = tmp_path_factory.mktemp("sdpa") / "sdpa.pte"
+    path.write_bytes(to_edge(exported, compile_config=EdgeCompileConfig(_check_ir_validity=False)).to_executorch().buffer)
+    load_kernel_libraries()
+    load_own_kernels(path)
+    return _bindings()._load_for_executorch(str(path))
+
+
+@pytest.mark.parametrize("start_pos, rows", [(0, 1), (0, 7), (37, 1), (90, 5)])
+def test_attention_kernel_matches_softmax_attention(attention_program, start_pos, rows):
+    """``et_transformers::sdpa`` in the runtime equals float32 softmax attention (grouped heads,
+    causal from ``start_pos``) to float rounding, for one-token steps and multi-token calls."""
+    g = torch.Generator().manual_seed(start_pos + rows)
+    q, k, v = (torch.randn(*shape, generator=g) for shape in ((1, rows, 6, 64), (1, 128, 2, 64), (1, 128, 2, 64)))
+    got = attention_program.forward((q, k, v, torch.tensor([start_pos])))[0]
+    torch.testing.assert_close(got, ops.sdpa_reference(q, k, v, start_pos, 0.125), atol=2e-6, rtol=1e-5)

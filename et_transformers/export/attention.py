@@ -97,6 +97,9 @@ class StaticKVCache(Cache):
         self.start_pos: int | torch.SymInt = 0
         self.positions: torch.Tensor | None = None
         self.current: LayerKV | None = None
+        #: run float caches without a mask through our ``et_transformers::sdpa`` kernel instead of
+        #: ``llama.custom_sdpa`` (programs that need our kernel library anyway: the ``q4_0`` scheme)
+        self.own_attention = False
         self._masks: dict[tuple[int | None, torch.dtype], torch.Tensor] = {}
 
     def mask(self, window: int | None, dtype: torch.dtype) -> torch.Tensor:
@@ -176,6 +179,11 @@ def custom_sdpa_attention(
     mask = None if window is None else cache.mask(window, q.dtype if not layer.quantized else torch.float32)
     is_causal = mask is None
     if not layer.quantized:
+        if cache.own_attention and mask is None and q.dtype == torch.float32:
+            from ..kernels import ops  # noqa: F401  (defines the operator)
+
+            scale = scaling if scaling is not None else q.shape[-1] ** -0.5
+            return torch.ops.et_transformers.sdpa(q, key, value, cache.start_pos, scale), None
         return torch.ops.llama.custom_sdpa(q, key, value, cache.start_pos, mask, 0.0, is_causal, scaling), None
     q8, q_scales, q_zeros = quantize_per_token(q.float())
     out = torch.ops.llama.custom_quantized_sdpa(

@@ -181,6 +181,7 @@ class Exporter:
                 kv_cache_dtype=cfg.kv_cache_dtype,
                 logits=cfg.logits,
                 verify_tokens=cfg.verify_tokens or 1,
+                own_attention=cfg.uses_own_kernels,
             ).eval()
         return self
 

@@ -183,6 +183,89 @@ class Q4Linear(nn.Module):
         return y if self.bias is None else y + self.bias
 
 
+class _LastCall:
+    """The input and output of a fused layer's last call (a plain object: not module state)."""
+
+    def __init__(self):
+        self.x: torch.Tensor | None = None
+        self.y: torch.Tensor | None = None
+
+    def __deepcopy__(self, memo) -> "_LastCall":
+        return _LastCall()  # a copy of the module starts with nothing remembered
+
+
+class FusedQ4Linear(nn.Module):
+    """Sibling :class:`Q4Linear` layers that read the same input (q/k/v, gate/up) as one kernel call.
+
+    Their packed weights are concatenated along the output rows (groups of 8 rows are independent
+    in the layout, so each output is computed exactly as before); the siblings become
+    :class:`Q4LinearSlice` views that call this once per input and take their columns.
+    """
+
+    def __init__(self, parts: list[Q4Linear]):
+        super().__init__()
+        self.in_features = parts[0].in_features
+        self.register_buffer("qweight", torch.cat([p.qweight for p in parts]))
+        self.register_buffer("scales", torch.cat([p.scales for p in parts]))
+        biases = [p.bias if p.bias is not None else torch.zeros(p.out_features) for p in parts]
+        has_bias = any(p.bias is not None for p in parts)
+        self.bias = nn.Parameter(torch.cat(biases), requires_grad=False) if has_bias else None
+        self._last = _LastCall()
+
+    def extra_repr(self) -> str:
+        return f"{self.in_features}, {self.qweight.shape[0] * 8}, q4_0 fused"
+
+    def output(self, x: torch.Tensor) -> torch.Tensor:
+        """The fused output for ``x``, computed once per input tensor."""
+        if self._last.x is not x:
+            y = torch.ops.et_transformers.q4_linear(x, self.qweight, self.scales)
+            self._last.x, self._last.y = x, (y if self.bias is None else y + self.bias)
+        return self._last.y
+
+
+class Q4LinearSlice(nn.Module):
+    """One of the layers a :class:`FusedQ4Linear` computes: its columns ``[start, stop)``."""
+
+    def __init__(self, fused: FusedQ4Linear, start: int, stop: int):
+        super().__init__()
+        self._fused = (fused,)  # a tuple: the fused module is registered once, on the parent
+        self.start, self.stop = start, stop
+        self.in_features, self.out_features = fused.in_features, stop - start
+
+    def extra_repr(self) -> str:
+        return f"{self.in_features}, {self.out_features}, q4_0 columns [{self.start}, {self.stop})"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """This layer's columns of the fused output."""
+        return self._fused[0].output(x)[..., self.start : self.stop]
+
+
+#: Sibling layers that read the same input in the families' attention and MLP blocks.
+FUSABLE_SIBLINGS: tuple[tuple[str, ...], ...] = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
+
+
+def fuse_q4_siblings(model: nn.Module) -> int:
+    """Replace each set of :data:`FUSABLE_SIBLINGS` that are all :class:`Q4Linear` by one fused call.
+
+    Returns:
+        How many fused layers were made.
+    """
+    made = 0
+    for parent in list(model.modules()):
+        for names in FUSABLE_SIBLINGS:
+            parts = [getattr(parent, n, None) for n in names]
+            if not all(type(p) is Q4Linear for p in parts) or len({p.in_features for p in parts}) != 1:
+                continue
+            fused = FusedQ4Linear(parts)
+            parent.add_module("".join(n.split("_")[0] for n in names) + "_fused", fused)  # qkv_fused, gateup_fused
+            start = 0
+            for name, part in zip(names, parts):
+                setattr(parent, name, Q4LinearSlice(fused, start, start + part.out_features))
+                start += part.out_features
+            made += 1
+    return made
+
+
 class QuantizedEmbedding(nn.Module):
     """An embedding table with int4/int8 rows looked up by ExecuTorch's quantized embedding ops.
 
@@ -356,6 +439,9 @@ def quantize_model(model: nn.Module, config: ExportConfig, dtype: torch.dtype | 
     for weight in float_layer_weights(model):  # layers left in float
         if weight.is_floating_point() and weight.dtype != dtype:
             weight.data = weight.data.to(dtype)
+    fused = fuse_q4_siblings(model)
+    if fused:
+        report["q4_0_fused"] = fused
     if head_scheme is not None:
         report["head"] = {"name": head, "scheme": head_scheme}
     if config.qlinear_8bit and config.qlinear:

@@ -76,6 +76,8 @@ class ExportableCausalLM(nn.Module):
         logits: ``"last"`` (default) returns the last positions' logits, ``"all"`` every position's
             (an evaluation program: ``[1, S, vocab]``).
         verify_tokens: with ``logits="last"``, how many trailing positions' logits to return.
+        own_attention: run attention over float caches without a mask through our
+            ``et_transformers::sdpa`` kernel (programs that need our kernel library anyway).
 
     ``forward(input_ids, cache_position)`` takes ``input_ids`` ``[1, S]`` (int64) and
     ``cache_position`` ``[S]`` (int64, consecutive, starting at the number of tokens already in the
@@ -91,9 +93,11 @@ class ExportableCausalLM(nn.Module):
         kv_cache_dtype: str | None = None,
         logits: str = "last",
         verify_tokens: int = 1,
+        own_attention: bool = False,
     ):
         super().__init__()
         self.verify_tokens = verify_tokens
+        self.own_attention = own_attention
         self.model = model
         self.max_seq_len = max_seq_len
         self.kv_cache_dtype = kv_cache_dtype
@@ -171,7 +175,9 @@ class ExportableCausalLM(nn.Module):
             if self.kv_cache_dtype == "int8":
                 extra = {f"{kv}_{part}": getattr(self, f"{kv}_{part}_{i}") for kv in "kv" for part in ("scales", "zeros")}
             layers[i] = LayerKV(getattr(self, f"k_cache_{i}"), getattr(self, f"v_cache_{i}"), **extra)
-        return StaticKVCache(layers)
+        cache = StaticKVCache(layers)
+        cache.own_attention = self.own_attention
+        return cache
 
     def forward(self, input_ids: torch.Tensor, cache_position: torch.Tensor) -> torch.Tensor:
         """Run ``input_ids`` at ``cache_position``; return the last positions' logits (see the class)."""

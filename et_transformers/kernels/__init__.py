@@ -26,9 +26,9 @@ from pathlib import Path
 
 logger = logging.getLogger(__name__)
 
-SOURCES = ("q4_linear.cpp",)
+SOURCES = ("q4_linear.cpp", "sdpa.cpp")
 #: Operators the library registers (what a program needs it for).
-OPERATORS = ("et_transformers::q4_linear.out",)
+OPERATORS = ("et_transformers::q4_linear.out", "et_transformers::sdpa.out")
 _FLAGS = ("-O3", "-mavx2", "-mfma", "-mf16c", "-ffp-contract=off", "-std=c++17", "-fPIC", "-shared", "-DC10_USING_CUSTOM_GENERATED_MACROS")
 
 _lock = threading.Lock()

@@ -7,6 +7,12 @@ order as the C++ kernel (``q4_linear.cpp``): int8 blocks from ``round(x * (1 / (
 exact integer block dots, then ``acc = acc + dot_b * (weight_scale_b * act_scale_b)`` over the
 blocks in order, so an exported program and its eager model give the same logits. The ``.out``
 overload is the one ExecuTorch's emitter calls.
+
+``et_transformers::sdpa(q, k_cache, v_cache, start_pos, scale)`` is causal attention of ``q``
+``[B, S, H, D]`` over a static cache ``[B, T, Hkv, D]`` (query ``s`` sees positions up to
+``start_pos + s``), ``llama.custom_sdpa``'s contract without a mask; its reference is plain float32
+softmax attention, which the kernel matches to float rounding (not bit for bit: it sums in
+another order and has its own ``exp``).
 """
 
 from __future__ import annotations
@@ -22,6 +28,10 @@ _CHUNK_ROWS = 256
 _lib = torch.library.Library("et_transformers", "DEF")
 _lib.define("q4_linear(Tensor x, Tensor qweight, Tensor scales) -> Tensor")
 _lib.define("q4_linear.out(Tensor x, Tensor qweight, Tensor scales, *, Tensor(a!) out) -> Tensor(a!)")
+_lib.define("sdpa(Tensor q, Tensor k_cache, Tensor v_cache, SymInt start_pos, float scale) -> Tensor")
+_lib.define(
+    "sdpa.out(Tensor q, Tensor k_cache, Tensor v_cache, SymInt start_pos, float scale, *, Tensor(a!) out) -> Tensor(a!)"
+)
 
 
 def packable(out_features: int, in_features: int) -> bool:
@@ -106,3 +116,32 @@ def _q4_linear_out(x: Tensor, qweight: Tensor, scales: Tensor, *, out: Tensor) -
 @torch.library.register_fake("et_transformers::q4_linear")
 def _q4_linear_fake(x: Tensor, qweight: Tensor, scales: Tensor) -> Tensor:
     return x.new_empty((*x.shape[:-1], qweight.shape[0] * ROWS))
+
+
+def sdpa_reference(q: Tensor, k_cache: Tensor, v_cache: Tensor, start_pos: int, scale: float) -> Tensor:
+    """Causal softmax attention over the cache's first ``start_pos + S`` positions (float32)."""
+    s_len, heads, kv_heads = q.shape[1], q.shape[2], k_cache.shape[2]
+    n = int(start_pos) + s_len
+    k = k_cache[:, :n].float().repeat_interleave(heads // kv_heads, dim=2)
+    v = v_cache[:, :n].float().repeat_interleave(heads // kv_heads, dim=2)
+    scores = torch.einsum("bshd,bthd->bhst", q.float(), k) * scale
+    allowed = torch.arange(n).view(1, n) <= (int(start_pos) + torch.arange(s_len)).view(s_len, 1)
+    scores = scores.masked_fill(~allowed, float("-inf"))
+    return torch.einsum("bhst,bthd->bshd", scores.softmax(dim=-1), v).to(q.dtype)
+
+
+@torch.library.impl(_lib, "sdpa", "CompositeExplicitAutograd")
+def _sdpa(q: Tensor, k_cache: Tensor, v_cache: Tensor, start_pos: int, scale: float) -> Tensor:
+    return sdpa_reference(q, k_cache, v_cache, start_pos, scale)
+
+
+@torch.library.impl(_lib, "sdpa.out", "CompositeExplicitAutograd")
+def _sdpa_out(q: Tensor, k_cache: Tensor, v_cache: Tensor, start_pos: int, scale: float, *, out: Tensor) -> Tensor:
+    result = sdpa_reference(q, k_cache, v_cache, start_pos, scale)
+    out.resize_(result.shape)
+    return out.copy_(result)
+
+
+@torch.library.register_fake("et_transformers::sdpa")
+def _sdpa_fake(q: Tensor, k_cache: Tensor, v_cache: Tensor, start_pos: int, scale: float) -> Tensor:
+    return torch.empty_like(q)

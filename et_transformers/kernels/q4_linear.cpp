@@ -11,6 +11,7 @@
 // rows M in the call, so a token's logits do not depend on how many tokens share the forward.
 #include <immintrin.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -113,12 +114,13 @@ void task(void* arg, size_t t) {
   const __m256i m4 = _mm256_set1_epi8(0x0F);
   const __m256i ones = _mm256_set1_epi16(1);
   const __m256i shift = _mm256_setr_epi32(0, 0, 0, 0, 4, 4, 4, 4);
-  thread_local std::vector<__m256> acc;
-  acc.resize(static_cast<size_t>(j.M));
+  thread_local std::vector<float> acc_rows;  // [M, 8] running sums of the 8 rows of a group
+  acc_rows.resize(static_cast<size_t>(j.M) * kRows);
+  float* acc = acc_rows.data();
   for (size_t g = g0; g < g1; ++g) {
     const uint8_t* wg = j.w + g * static_cast<size_t>(B) * kRows * 16;
     const uint16_t* sg = j.s + g * static_cast<size_t>(B) * kRows;
-    for (int m = 0; m < j.M; ++m) acc[m] = _mm256_setzero_ps();
+    std::fill(acc, acc + static_cast<size_t>(j.M) * kRows, 0.f);
     for (int b = 0; b < B; ++b) {
       const uint8_t* wb = wg + static_cast<size_t>(b) * kRows * 16;
       __m256i w[kRows];
@@ -132,10 +134,12 @@ void task(void* arg, size_t t) {
         const __m256i x = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(j.xq + row * kBlock));
         const __m256i dot = _mm256_sub_epi32(dot8(w, x, ones), _mm256_set1_epi32(8 * j.xsum[row]));
         const __m256 sc = _mm256_mul_ps(ws, _mm256_set1_ps(j.xs[row]));
-        acc[m] = _mm256_add_ps(acc[m], _mm256_mul_ps(_mm256_cvtepi32_ps(dot), sc));  // no FMA: the reference rounds twice too
+        float* a = acc + static_cast<size_t>(m) * kRows;  // no FMA below: the reference rounds twice too
+        _mm256_storeu_ps(a, _mm256_add_ps(_mm256_loadu_ps(a), _mm256_mul_ps(_mm256_cvtepi32_ps(dot), sc)));
       }
     }
-    for (int m = 0; m < j.M; ++m) _mm256_storeu_ps(j.y + static_cast<size_t>(m) * j.N + g * kRows, acc[m]);
+    for (int m = 0; m < j.M; ++m)
+      std::memcpy(j.y + static_cast<size_t>(m) * j.N + g * kRows, acc + static_cast<size_t>(m) * kRows, sizeof(float) * kRows);
   }
 }
 
