@@ -27,6 +27,8 @@ from pathlib import Path
 logger = logging.getLogger(__name__)
 
 SOURCES = ("q4_linear.cpp", "sdpa.cpp")
+#: Headers the sources include (part of the build's identity).
+HEADERS = ("kernel_common.h",)
 #: Operators the library registers (what a program needs it for).
 OPERATORS = ("et_transformers::q4_linear.out", "et_transformers::sdpa.out")
 _FLAGS = ("-O3", "-mavx2", "-mfma", "-mf16c", "-ffp-contract=off", "-std=c++17", "-fPIC", "-shared", "-DC10_USING_CUSTOM_GENERATED_MACROS")
@@ -79,7 +81,7 @@ def library_path() -> Path:
         raise KernelBuildError(f"ExecuTorch's C++ headers are missing from {include}; reinstall executorch.")
     here = Path(__file__).parent
     digest = hashlib.sha256()
-    for name in SOURCES:
+    for name in (*SOURCES, *HEADERS):
         digest.update((here / name).read_bytes())
     digest.update(" ".join(_FLAGS).encode())
     digest.update(metadata.version("executorch").encode())

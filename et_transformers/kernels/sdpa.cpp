@@ -11,27 +11,11 @@
 #include <cstdint>
 #include <vector>
 
-#include <executorch/runtime/core/exec_aten/util/tensor_util.h>
-#include <executorch/runtime/kernel/kernel_includes.h>
-#include <executorch/runtime/kernel/operator_registry.h>
-
-extern "C" {
-typedef struct pthreadpool* pthreadpool_t;
-typedef void (*pthreadpool_task_1d_t)(void*, size_t);
-void pthreadpool_parallelize_1d(pthreadpool_t, pthreadpool_task_1d_t, void*, size_t, uint32_t);
-size_t pthreadpool_get_threads_count(pthreadpool_t);
-}
-namespace executorch::extension::threadpool {
-pthreadpool_t get_pthreadpool();
-}
+#include "kernel_common.h"
 
 namespace {
 
-using executorch::aten::ScalarType;
-using executorch::aten::Tensor;
-using executorch::runtime::EValue;
-using executorch::runtime::KernelRuntimeContext;
-using executorch::runtime::Span;
+using namespace et_transformers_kernels;
 
 // e^x for x <= 0 (scores minus their max): 2^k * p(r), r = x - k ln2 in [-ln2/2, ln2/2], p the
 // degree-7 Taylor polynomial (relative error below 2e-8 there); 0 below -87.

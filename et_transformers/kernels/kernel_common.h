@@ -1,0 +1,29 @@
+// What our kernels share: ExecuTorch's kernel headers, the two thread-pool entry points we call
+// (exported by the wheel's libexecutorch_threadpool.so, which ships no header for them), and the
+// names every kernel uses.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+
+#include <executorch/runtime/core/exec_aten/util/tensor_util.h>
+#include <executorch/runtime/kernel/kernel_includes.h>
+#include <executorch/runtime/kernel/operator_registry.h>
+
+extern "C" {
+typedef struct pthreadpool* pthreadpool_t;
+typedef void (*pthreadpool_task_1d_t)(void*, size_t);
+void pthreadpool_parallelize_1d(pthreadpool_t, pthreadpool_task_1d_t, void*, size_t, uint32_t);
+size_t pthreadpool_get_threads_count(pthreadpool_t);
+}
+namespace executorch::extension::threadpool {
+pthreadpool_t get_pthreadpool();
+}
+
+namespace et_transformers_kernels {
+using executorch::aten::ScalarType;
+using executorch::aten::Tensor;
+using executorch::runtime::EValue;
+using executorch::runtime::KernelRuntimeContext;
+using executorch::runtime::Span;
+}  // namespace et_transformers_kernels
