@@ -142,7 +142,9 @@ def _etdump_breakdown(program, steps: int) -> dict:
             elif e.is_delegated_op:
                 key = "gemm_ms" if ("GEMM" in e.name or "Fully Connected" in e.name) else "_xnn_ops_ms"
                 totals[key] = totals.get(key, 0.0) + ms
-            elif "sdpa" in e.name:
+            elif "q4_linear" in e.name:  # our own kernel's GEMMs (the q4_0 scheme)
+                totals["gemm_ms"] += ms
+            elif "sdpa" in e.name:  # llama::custom_sdpa, or our et_transformers::sdpa
                 totals["sdpa_ms"] += ms
                 totals["sdpa_calls"] += steps
             else:

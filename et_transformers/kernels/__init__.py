@@ -31,7 +31,8 @@ SOURCES = ("q4_linear.cpp", "sdpa.cpp")
 HEADERS = ("kernel_common.h",)
 #: Operators the library registers (what a program needs it for).
 OPERATORS = ("et_transformers::q4_linear.out", "et_transformers::sdpa.out")
-_FLAGS = ("-O3", "-mavx2", "-mfma", "-mf16c", "-ffp-contract=off", "-std=c++17", "-fPIC", "-shared", "-DC10_USING_CUSTOM_GENERATED_MACROS")
+_FLAGS = ("-O3", "-mavx2", "-mfma", "-mf16c", "-ffp-contract=off", "-std=c++17", "-fPIC", "-shared", "-DC10_USING_CUSTOM_GENERATED_MACROS",
+          "-DET_EVENT_TRACER_ENABLED")  # the two definitions the wheel's libraries are built with (its cmake config)
 
 _lock = threading.Lock()
 _loaded: Path | None = None

@@ -6,6 +6,7 @@
 #include <cstddef>
 #include <cstdint>
 
+#include <executorch/runtime/core/event_tracer_hooks.h>
 #include <executorch/runtime/core/exec_aten/util/tensor_util.h>
 #include <executorch/runtime/kernel/kernel_includes.h>
 #include <executorch/runtime/kernel/operator_registry.h>
@@ -26,4 +27,7 @@ using executorch::aten::Tensor;
 using executorch::runtime::EValue;
 using executorch::runtime::KernelRuntimeContext;
 using executorch::runtime::Span;
+
+// Names the kernel's time in an ETDump, as ExecuTorch's generated kernel wrappers do for theirs.
+using OpScope = executorch::runtime::internal::EventTracerProfileOpScope;
 }  // namespace et_transformers_kernels

@@ -101,6 +101,29 @@ void task(void* arg, size_t t) {
   thread_local std::vector<float> acc_rows;  // [M, 8] running sums of the 8 rows of a group
   acc_rows.resize(static_cast<size_t>(j.M) * kRows);
   float* acc = acc_rows.data();
+  if (j.M == 1) {  // the decode step: the running sums stay in a register
+    for (size_t g = g0; g < g1; ++g) {
+      const uint8_t* wg = j.w + g * static_cast<size_t>(B) * kRows * 16;
+      const uint16_t* sg = j.s + g * static_cast<size_t>(B) * kRows;
+      __m256 acc1 = _mm256_setzero_ps();
+      for (int b = 0; b < B; ++b) {
+        const uint8_t* wb = wg + static_cast<size_t>(b) * kRows * 16;
+        const __m256i x = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(j.xq + b * kBlock));
+        __m256i d[kRows];
+        for (int r = 0; r < kRows; ++r) {
+          const __m256i packed = _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(wb + 16 * r)));
+          d[r] = _mm256_madd_epi16(_mm256_maddubs_epi16(_mm256_and_si256(_mm256_srlv_epi32(packed, shift), m4), x), ones);
+        }
+        const __m256i dot = _mm256_sub_epi32(reduce8(d[0], d[1], d[2], d[3], d[4], d[5], d[6], d[7]),
+                                             _mm256_set1_epi32(8 * j.xsum[b]));
+        const __m256 sc = _mm256_mul_ps(_mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(sg + b * kRows))),
+                                        _mm256_set1_ps(j.xs[b]));
+        acc1 = _mm256_add_ps(acc1, _mm256_mul_ps(_mm256_cvtepi32_ps(dot), sc));  // the same operations as below
+      }
+      _mm256_storeu_ps(j.y + g * kRows, acc1);
+    }
+    return;
+  }
   for (size_t g = g0; g < g1; ++g) {
     const uint8_t* wg = j.w + g * static_cast<size_t>(B) * kRows * 16;
     const uint16_t* sg = j.s + g * static_cast<size_t>(B) * kRows;
@@ -128,6 +151,7 @@ void task(void* arg, size_t t) {
 }
 
 void q4_linear_out(KernelRuntimeContext& ctx, Span<EValue*> stack) {
+  OpScope scope(ctx.internal_event_tracer(), "et_transformers::q4_linear.out");
   const Tensor& x = stack[0]->toTensor();
   const Tensor& w = stack[1]->toTensor();
   const Tensor& s = stack[2]->toTensor();

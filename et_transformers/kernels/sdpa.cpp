@@ -129,6 +129,7 @@ void task(void* arg, size_t index) {
 }
 
 void sdpa_out(KernelRuntimeContext& ctx, Span<EValue*> stack) {
+  OpScope scope(ctx.internal_event_tracer(), "et_transformers::sdpa.out");
   const Tensor& q = stack[0]->toTensor();
   const Tensor& k = stack[1]->toTensor();
   const Tensor& v = stack[2]->toTensor();
