@@ -145,6 +145,9 @@ def test_stop_strings_seed_and_penalties(client, cli_model):
     first, again = (client.completions.create(**sample, seed=7).choices[0].text for _ in range(2))
     others = {client.completions.create(**sample, seed=s).choices[0].text for s in (8, 9, 10)}
     assert first == again and others != {first}
+    # no temperature: OpenAI's default, sampling at 1 (the server was started with no decoding default)
+    omitted = {k: v for k, v in sample.items() if k != "temperature"}
+    assert client.completions.create(**omitted, seed=7).choices[0].text == first
 
     penalized = client.completions.create(model=MODEL, prompt=prompt, max_tokens=24, temperature=0,
                                           presence_penalty=1.5, frequency_penalty=0.5)

@@ -2,8 +2,8 @@
 
 A validated request (:mod:`.schemas`) becomes the prompt's token ids (the chat template for
 messages, the tokenizer for a text prompt) and ``stream_generate()`` options: OpenAI's
-``temperature`` (0 = greedy; omitted = the server's default, greedy unless started with
-``--do-sample``), ``top_p``, ``stop``, ``seed`` (a per-request ``torch.Generator``, so
+``temperature`` (0 = greedy; omitted = the server's default if it was started with ``--do-sample`` or
+``--temperature``, else OpenAI's: sampling at temperature 1), ``top_p``, ``stop``, ``seed`` (a per-request ``torch.Generator``, so
 sampling is reproducible while other slots sample too), ``logit_bias`` (transformers'
 ``sequence_bias``) and ``presence_penalty``/``frequency_penalty`` (:class:`PresenceFrequencyPenalty`,
 a logits processor). Limits are checked here, before a request waits for a slot, and a violation
@@ -155,6 +155,10 @@ def _logit_bias(bias: dict[str, float], vocab_size: int) -> dict[tuple[int, ...]
     return out
 
 
+#: What OpenAI's API samples at when a request sets no ``temperature`` (and the server no default).
+OPENAI_DEFAULT_TEMPERATURE = 1.0
+
+
 def generation_options(request, prompt_len: int, *, context: int, vocab_size: int, defaults: dict) -> dict:
     """``stream_generate()`` keywords for ``request``, over the server's ``defaults``.
 
@@ -171,17 +175,21 @@ def generation_options(request, prompt_len: int, *, context: int, vocab_size: in
     """
     options = {k: v for k, v in defaults.items() if k != "max_new_tokens"}
     options["max_new_tokens"] = _max_new_tokens(request, prompt_len, context, defaults.get("max_new_tokens", 256))
-    if request.temperature is not None:
-        options["do_sample"] = request.temperature > 0
+    temperature = request.temperature
+    if temperature is None and "do_sample" not in defaults and "temperature" not in defaults:
+        temperature = OPENAI_DEFAULT_TEMPERATURE
+    if temperature is not None:
+        options["do_sample"] = temperature > 0
         if options["do_sample"]:
-            options["temperature"] = request.temperature
+            options["temperature"] = temperature
+    elif "temperature" in defaults:
+        options["do_sample"] = defaults["temperature"] > 0 or bool(defaults.get("do_sample"))
     if request.top_p is not None:
         options["top_p"] = request.top_p
     if not options.get("do_sample"):
         if request.top_p is not None and request.top_p < 1:
             raise APIError(400, f"top_p={request.top_p} applies to sampling, but this request decodes greedily "
-                                f"(temperature={request.temperature}; the server samples by default only when "
-                                f"started with --do-sample). Set temperature > 0 to sample, or drop top_p.",
+                                f"(temperature={temperature}). Set temperature > 0 to sample, or drop top_p.",
                            param="top_p")
         for name in _SAMPLING_ONLY:
             options.pop(name, None)
