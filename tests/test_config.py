@@ -97,6 +97,7 @@ RECIPE_PLANS = {
     "xnnpack-8da4w": (("8da4w", 32), ("8da8w", None), ("8da8w", None), "8w"),
     "xnnpack-8da4w-kv8": (("8da4w", 32), ("8da8w", None), ("8da8w", None), "8w"),
     "xnnpack-8da4w-pure": (("8da4w", 32), ("8da4w", 32), ("8da4w", 32), "8w"),
+    "xnnpack-q4_0": (("q4_0", None), ("q4_0", None), ("8da8w", None), "8w"),  # q4_0 has its fixed block of 32
     "portable-fp32": ((None, None), (None, None), (None, None), None),
 }
 
