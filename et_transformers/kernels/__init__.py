@@ -36,7 +36,6 @@ _FLAGS = ("-O3", "-mavx2", "-mfma", "-mf16c", "-ffp-contract=off", "-std=c++17",
 
 _lock = threading.Lock()
 _loaded: Path | None = None
-_load_error: str | None = None
 
 
 class KernelBuildError(RuntimeError):
@@ -115,21 +114,18 @@ def load() -> Path:
     Raises:
         KernelBuildError: see :func:`library_path`.
     """
-    global _loaded, _load_error
+    global _loaded
     with _lock:
         if _loaded is not None:
             return _loaded
         try:
             path = library_path()
+        except OSError as exc:  # the cache folder cannot be written, the compiler cannot run, ...
+            raise KernelBuildError(f"building et_transformers' kernels failed: {exc}") from exc
+        try:
             ctypes.CDLL(str(path), mode=ctypes.RTLD_GLOBAL)
-        except (KernelBuildError, OSError) as exc:
-            _load_error = str(exc)
-            raise KernelBuildError(str(exc)) from exc
+        except OSError as exc:
+            raise KernelBuildError(f"loading {path} failed: {exc}") from exc
         _loaded = path
         logger.debug("Loaded %s", path)
         return path
-
-
-def load_error() -> str | None:
-    """Why :func:`load` failed in this process, if it did."""
-    return _load_error
