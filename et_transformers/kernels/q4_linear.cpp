@@ -184,26 +184,15 @@ void q4_linear_out(KernelRuntimeContext& ctx, Span<EValue*> stack) {
                  xsum.data() + m * B);
   Job job{M, K, N, w.const_data_ptr<uint8_t>(), reinterpret_cast<const uint16_t*>(s.const_data_ptr<executorch::aten::Half>()),
           xq.data(), xs.data(), xsum.data(), out.mutable_data_ptr<float>(), 0};
-  pthreadpool_t pool = executorch::extension::threadpool::get_pthreadpool();
-  const size_t threads = pool ? pthreadpool_get_threads_count(pool) : 1;
+  const size_t threads = pool_threads();
   const size_t G = static_cast<size_t>(N / kRows);
   // A few tasks per thread so an unevenly loaded core does not hold the others back.
   const size_t tasks = std::min(G, threads > 1 ? threads * 4 : 1);
   job.groups_per_task = (G + tasks - 1) / tasks;
-  const size_t n_tasks = (G + job.groups_per_task - 1) / job.groups_per_task;
-  if (pool && n_tasks > 1) {
-    pthreadpool_parallelize_1d(pool, task, &job, n_tasks, 0);
-  } else {
-    for (size_t t = 0; t < n_tasks; ++t) task(&job, t);
-  }
+  run_tasks(task, &job, (G + job.groups_per_task - 1) / job.groups_per_task, true);
 }
 
-const executorch::runtime::Kernel kKernels[] = {
-    executorch::runtime::Kernel("et_transformers::q4_linear.out", q4_linear_out),
-};
-
-struct Registrar {
-  Registrar() { (void)executorch::runtime::register_kernels({kKernels, 1}); }
-} registrar;
+const executorch::runtime::Kernel kKernel("et_transformers::q4_linear.out", q4_linear_out);
+const KernelRegistrar registrar(kKernel);
 
 }  // namespace

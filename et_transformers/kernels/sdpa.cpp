@@ -153,22 +153,11 @@ void sdpa_out(KernelRuntimeContext& ctx, Span<EValue*> stack) {
   ET_KERNEL_CHECK(ctx, executorch::runtime::resize_tensor(out, q.sizes()) == executorch::runtime::Error::Ok,
                   InvalidArgument, );
   j.out = out.mutable_data_ptr<float>();
-  const size_t rows = static_cast<size_t>(j.B) * j.S * j.H;
-  pthreadpool_t pool = executorch::extension::threadpool::get_pthreadpool();
   // A one-token step is a few microseconds of work: waking the pool would cost more than it saves.
-  if (pool && j.S > 1 && pthreadpool_get_threads_count(pool) > 1) {
-    pthreadpool_parallelize_1d(pool, task, &j, rows, 0);
-  } else {
-    for (size_t i = 0; i < rows; ++i) task(&j, i);
-  }
+  run_tasks(task, &j, static_cast<size_t>(j.B) * j.S * j.H, j.S > 1);
 }
 
-const executorch::runtime::Kernel kKernels[] = {
-    executorch::runtime::Kernel("et_transformers::sdpa.out", sdpa_out),
-};
-
-struct Registrar {
-  Registrar() { (void)executorch::runtime::register_kernels({kKernels, 1}); }
-} registrar;
+const executorch::runtime::Kernel kKernel("et_transformers::sdpa.out", sdpa_out);
+const KernelRegistrar registrar(kKernel);
 
 }  // namespace
