@@ -124,8 +124,11 @@ def test_q4_program_equals_its_eager_model(q4_export, tiny_llama_model):
         float_logits = tiny_llama_model(PROMPT).logits
     assert (got - float_logits).abs().max() > 1e-3, "the weights were not quantized"
     operators = {f"{op.name}.{op.overload}" for op in q4_export.executorch_program.executorch_program.execution_plan[0].operators}
-    assert {"et_transformers::q4_linear.out", "et_transformers::sdpa.out"} <= operators
+    ours = {f"et_transformers::{name}.out" for name in ("q4_linear", "sdpa", "rms_norm", "rope", "silu_mul")}
+    assert ours <= operators
     assert "llama::custom_sdpa.out" not in operators
+    # nothing between our kernels is left to XNNPACK (a delegate call per op would wake its pool)
+    assert not q4_export.executorch_program.executorch_program.execution_plan[0].delegates
 
 
 def test_q4_decode_step_scores_a_token_as_a_longer_forward_does(q4_export):
@@ -179,3 +182,47 @@ def test_attention_kernel_matches_softmax_attention(attention_program, start_pos
     q, k, v = (torch.randn(*shape, generator=g) for shape in ((1, rows, 6, 64), (1, 128, 2, 64), (1, 128, 2, 64)))
     got = attention_program.forward((q, k, v, torch.tensor([start_pos])))[0]
     torch.testing.assert_close(got, ops.sdpa_reference(q, k, v, start_pos, 0.125), atol=2e-6, rtol=1e-5)
+
+
+@pytest.fixture(scope="module")
+def layer_ops_program(tmp_path_factory):
+    """A program of our layer operators: RMSNorm (both forms), RoPE and SiLU-gated multiply."""
+    from executorch.exir import EdgeCompileConfig, to_edge
+
+    class LayerOps(torch.nn.Module):
+        def forward(self, x, w, q, cos, sin, gate, up):
+            ops_ = torch.ops.et_transformers
+            return (ops_.rms_norm(x, w, 1e-6, False), ops_.rms_norm(x, w, 1e-5, True), ops_.rope(q, cos, sin),
+                    ops_.silu_mul(gate, up))
+
+    s = torch.export.Dim("s", min=1, max=32)
+    example = (torch.randn(1, 3, 72), torch.randn(72), torch.randn(1, 3, 4, 24), torch.randn(1, 3, 24),
+               torch.randn(1, 3, 24), torch.randn(1, 3, 44), torch.randn(1, 3, 44))
+    shapes = ({1: s}, None, {1: s}, {1: s}, {1: s}, {1: s}, {1: s})
+    exported = torch.export.export(LayerOps(), example, dynamic_shapes=shapes, strict=False)
+    path = tmp_path_factory.mktemp("layer-ops") / "layer_ops.pte"
+    path.write_bytes(to_edge(exported, compile_config=EdgeCompileConfig(_check_ir_validity=False)).to_executorch().buffer)
+    load_kernel_libraries()
+    load_own_kernels(path)
+    return _bindings()._load_for_executorch(str(path))
+
+
+@pytest.mark.parametrize("rows", [1, 5])
+def test_layer_kernels_match_their_references(layer_ops_program, rows):
+    """RoPE equals transformers' formula bit for bit; RMSNorm and SiLU-mul to float rounding (wide
+    value ranges, a last dim that is not a multiple of 8); every row as it would be alone."""
+    g = torch.Generator().manual_seed(rows)
+    x = torch.randn(1, rows, 72, generator=g) * torch.logspace(-4, 4, rows).view(1, rows, 1)
+    w = torch.randn(72, generator=g)
+    q = torch.randn(1, rows, 4, 24, generator=g)
+    angles = torch.randn(1, rows, 24, generator=g) * 50
+    gate, up = torch.randn(1, rows, 44, generator=g) * 30, torch.randn(1, rows, 44, generator=g)
+    got = layer_ops_program.forward((x, w, q, angles.cos(), angles.sin(), gate, up))
+    torch.testing.assert_close(got[0], ops.rms_norm_reference(x, w, 1e-6, False), atol=1e-6, rtol=2e-6)
+    torch.testing.assert_close(got[1], ops.rms_norm_reference(x, w, 1e-5, True), atol=1e-6, rtol=2e-6)
+    assert torch.equal(got[2], ops.rope_reference(q, angles.cos(), angles.sin()))
+    torch.testing.assert_close(got[3], ops.silu_mul_reference(gate, up), atol=1e-6, rtol=2e-6)
+    last = layer_ops_program.forward(tuple(t[:, -1:].contiguous() if t.dim() > 1 else t
+                                           for t in (x, w, q, angles.cos(), angles.sin(), gate, up)))
+    for a, b in zip(last, got):
+        assert torch.equal(a[0, 0], b[0, -1])

@@ -7,7 +7,9 @@ delegate in two: more subgraphs, slower lowering, and a round trip through the p
 at every cut. These passes rewrite them into equivalent forms XNNPACK accepts; they change no
 numerics (``view`` with one inferred dim is the same view; a mean over ``[B, S, D, 1]``'s dims
 (2, 3) is the same mean over ``D``). A third removes repeated dynamic quantization of one
-activation (q/k/v and gate/up read the same hidden states), which changes no numerics either.
+activation (q/k/v and gate/up read the same hidden states), which changes no numerics either, and
+a fourth drops transposes that undo each other (the values layout ``[B, S, H, D]`` -> ``[B, H, S, D]``
+-> back, around the KV cache update and our RoPE kernel), each of which would be a copy.
 """
 
 from __future__ import annotations
@@ -129,11 +131,46 @@ def share_activation_quantization(ep: ExportedProgram) -> int:
     return removed
 
 
+def cancel_transpose_pairs(ep: ExportedProgram) -> int:
+    """Replace ``transpose(transpose(x, a, b), a, b)`` by ``x``.
+
+    Returns:
+        The number of pairs removed.
+    """
+    graph = ep.graph
+    count = 0
+
+    def dims(node: torch.fx.Node) -> frozenset[int] | None:
+        val = node.meta.get("val")
+        if val is None or len(node.args) != 3:
+            return None
+        rank = val.dim()
+        return frozenset(int(d) % rank for d in node.args[1:])
+
+    for node in list(graph.nodes):
+        if node.op != "call_function" or node.target != aten.transpose.int:
+            continue
+        inner = node.args[0]
+        if not isinstance(inner, torch.fx.Node) or inner.target != aten.transpose.int:
+            continue
+        pair = dims(node)
+        if pair is None or pair != dims(inner) or len(pair) != 2:
+            continue
+        node.replace_all_uses_with(inner.args[0])
+        graph.erase_node(node)
+        if not inner.users:
+            graph.erase_node(inner)
+        count += 1
+    return count
+
+
 def apply_xnnpack_friendly_rewrites(ep: ExportedProgram) -> ExportedProgram:
     """Run every pass of this module on ``ep`` in place and return it."""
     views = infer_symbolic_view_dims(ep)
     means = mean_last_dim_as_4d(ep)
     shared = share_activation_quantization(ep)
+    transposes = cancel_transpose_pairs(ep)
     ep.graph_module.recompile()
-    logger.debug("XNNPACK rewrites: %d views, %d means, %d repeated quantization nodes", views, means, shared)
+    logger.debug("XNNPACK rewrites: %d views, %d means, %d repeated quantization nodes, %d transpose pairs",
+                 views, means, shared, transposes)
     return ep

@@ -34,6 +34,7 @@ from ..config import ExportConfig
 from ..errors import ExportError
 from ..hub import ModelSource, resolve
 from ..manifest import ETRECORD_NAME, PTE_NAME, Manifest, sha256_file
+from .layer_ops import apply_layer_ops
 from .loading import LoadedModel, load_model
 from .lowering import lower
 from .passes import apply_xnnpack_friendly_rewrites
@@ -175,13 +176,15 @@ class Exporter:
                 model = transform(model)
             model = apply_builtin_transforms(model)
             cfg = self.export_config
+            if cfg.uses_own_kernels:
+                model = apply_layer_ops(model)
             self.module = ExportableCausalLM(
                 model,
                 cfg.max_seq_len,
                 kv_cache_dtype=cfg.kv_cache_dtype,
                 logits=cfg.logits,
                 verify_tokens=cfg.verify_tokens or 1,
-                own_attention=cfg.uses_own_kernels,
+                own_kernels=cfg.uses_own_kernels,
             ).eval()
         return self
 
@@ -241,9 +244,11 @@ class Exporter:
 
         # One partitioner for quantized and float ops alike: the dynamic-quant-only partitioner
         # would cut every linear into its own delegate (hundreds of small subgraphs, slow to lower).
+        # Programs with our kernels are the exception: XNNPACK takes only their few 8-bit linears
+        # (the head), and everything between our kernels stays out of delegates (see .layer_ops).
         return [
             get_xnnpack_partitioner(
-                dynamic_quant_only_partitioner=False,
+                dynamic_quant_only_partitioner=self.export_config.uses_own_kernels,
                 enable_bf16=self.export_config.dtype == "bfloat16",
             )
         ]

@@ -21,6 +21,7 @@ from transformers.cache_utils import Cache
 
 from . import rope
 from .attention import LayerKV, StaticKVCache, register_attention
+from .layer_ops import own_rotary
 
 logger = logging.getLogger(__name__)
 
@@ -76,8 +77,9 @@ class ExportableCausalLM(nn.Module):
         logits: ``"last"`` (default) returns the last positions' logits, ``"all"`` every position's
             (an evaluation program: ``[1, S, vocab]``).
         verify_tokens: with ``logits="last"``, how many trailing positions' logits to return.
-        own_attention: run attention over float caches without a mask through our
-            ``et_transformers::sdpa`` kernel (programs that need our kernel library anyway).
+        own_kernels: run attention over float caches without a mask through our
+            ``et_transformers::sdpa`` kernel and full-width float32 RoPE through
+            ``et_transformers::rope`` (programs that need our kernel library anyway).
 
     ``forward(input_ids, cache_position)`` takes ``input_ids`` ``[1, S]`` (int64) and
     ``cache_position`` ``[S]`` (int64, consecutive, starting at the number of tokens already in the
@@ -93,11 +95,11 @@ class ExportableCausalLM(nn.Module):
         kv_cache_dtype: str | None = None,
         logits: str = "last",
         verify_tokens: int = 1,
-        own_attention: bool = False,
+        own_kernels: bool = False,
     ):
         super().__init__()
         self.verify_tokens = verify_tokens
-        self.own_attention = own_attention
+        self.own_kernels = own_kernels
         self.model = model
         self.max_seq_len = max_seq_len
         self.kv_cache_dtype = kv_cache_dtype
@@ -147,18 +149,25 @@ class ExportableCausalLM(nn.Module):
                 setattr(self, name, buf.to(dtype))
         return self
 
+    @contextlib.contextmanager
     def for_export(self):
         """Context manager: inside it, RoPE's ``rotate_half`` runs as ops XNNPACK delegates.
 
         Float32 programs take the pairwise form; bf16/fp16 ones (cast by :meth:`to_dtype` before
-        this) the rotation matrices, registered here in the program's dtype.
+        this) the rotation matrices, registered here in the program's dtype. With our kernels,
+        full-width RoPE runs as ``et_transformers::rope`` instead (see :mod:`.layer_ops`).
         """
         dtype = getattr(self, rope.BUFFER_NAME).dtype if self.rotary_widths else torch.float32
-        if dtype == torch.float32:
-            return rope.swap_rotate_half(self.model, rope.pairwise_rotate_half(self))
-        for width in self.rotary_widths:
-            self.register_buffer(rope.matrix_name(width), rope.rotation_matrix(width, dtype), persistent=False)
-        return rope.swap_rotate_half(self.model, rope.matmul_rotate_half(self, self.head_dims))
+        with contextlib.ExitStack() as stack:
+            if self.own_kernels and dtype == torch.float32:
+                stack.enter_context(own_rotary(self.model, self.head_dims))
+            if dtype == torch.float32:
+                stack.enter_context(rope.swap_rotate_half(self.model, rope.pairwise_rotate_half(self)))
+            else:
+                for width in self.rotary_widths:
+                    self.register_buffer(rope.matrix_name(width), rope.rotation_matrix(width, dtype), persistent=False)
+                stack.enter_context(rope.swap_rotate_half(self.model, rope.matmul_rotate_half(self, self.head_dims)))
+            yield
 
     def kv_cache_bytes(self) -> int:
         """Bytes of all key/value buffers (and their quantization parameters)."""
@@ -176,7 +185,7 @@ class ExportableCausalLM(nn.Module):
                 extra = {f"{kv}_{part}": getattr(self, f"{kv}_{part}_{i}") for kv in "kv" for part in ("scales", "zeros")}
             layers[i] = LayerKV(getattr(self, f"k_cache_{i}"), getattr(self, f"v_cache_{i}"), **extra)
         cache = StaticKVCache(layers)
-        cache.own_attention = self.own_attention
+        cache.own_attention = self.own_kernels
         return cache
 
     def forward(self, input_ids: torch.Tensor, cache_position: torch.Tensor) -> torch.Tensor:

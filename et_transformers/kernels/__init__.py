@@ -26,11 +26,17 @@ from pathlib import Path
 
 logger = logging.getLogger(__name__)
 
-SOURCES = ("q4_linear.cpp", "sdpa.cpp")
+SOURCES = ("q4_linear.cpp", "sdpa.cpp", "layer_ops.cpp")
 #: Headers the sources include (part of the build's identity).
 HEADERS = ("kernel_common.h",)
 #: Operators the library registers (what a program needs it for).
-OPERATORS = ("et_transformers::q4_linear.out", "et_transformers::sdpa.out")
+OPERATORS = (
+    "et_transformers::q4_linear.out",
+    "et_transformers::sdpa.out",
+    "et_transformers::rms_norm.out",
+    "et_transformers::rope.out",
+    "et_transformers::silu_mul.out",
+)
 _FLAGS = ("-O3", "-mavx2", "-mfma", "-mf16c", "-ffp-contract=off", "-std=c++17", "-fPIC", "-shared", "-DC10_USING_CUSTOM_GENERATED_MACROS",
           "-DET_EVENT_TRACER_ENABLED")  # the two definitions the wheel's libraries are built with (its cmake config)
 

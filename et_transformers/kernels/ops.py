@@ -13,6 +13,13 @@ overload is the one ExecuTorch's emitter calls.
 ``start_pos + s``), ``llama.custom_sdpa``'s contract without a mask; its reference is plain float32
 softmax attention, which the kernel matches to float rounding (not bit for bit: it sums in
 another order and has its own ``exp``).
+
+The layer operators run what sits between a decoder layer's GEMMs (``layer_ops.cpp``):
+``rms_norm(x, weight, eps, unit_offset)`` is transformers' RMSNorm (``1 + weight`` for Gemma's
+form), ``rope(x, cos, sin)`` is ``apply_rotary_pos_emb`` for ``x`` in ``[B, S, H, D]`` order with
+``cos``/``sin`` ``[B, S, D]`` (bit for bit: the same products and sums), and ``silu_mul(gate, up)``
+is ``silu(gate) * up``. Their references are the transformers formulas; the kernels match
+``rms_norm`` and ``silu_mul`` to float rounding (another summation order, their own ``exp``).
 """
 
 from __future__ import annotations
@@ -32,6 +39,13 @@ _lib.define("sdpa(Tensor q, Tensor k_cache, Tensor v_cache, SymInt start_pos, fl
 _lib.define(
     "sdpa.out(Tensor q, Tensor k_cache, Tensor v_cache, SymInt start_pos, float scale, *, Tensor(a!) out) -> Tensor(a!)"
 )
+
+_lib.define("rms_norm(Tensor x, Tensor weight, float eps, bool unit_offset) -> Tensor")
+_lib.define("rms_norm.out(Tensor x, Tensor weight, float eps, bool unit_offset, *, Tensor(a!) out) -> Tensor(a!)")
+_lib.define("rope(Tensor x, Tensor cos, Tensor sin) -> Tensor")
+_lib.define("rope.out(Tensor x, Tensor cos, Tensor sin, *, Tensor(a!) out) -> Tensor(a!)")
+_lib.define("silu_mul(Tensor gate, Tensor up) -> Tensor")
+_lib.define("silu_mul.out(Tensor gate, Tensor up, *, Tensor(a!) out) -> Tensor(a!)")
 
 
 def packable(out_features: int, in_features: int) -> bool:
@@ -145,3 +159,42 @@ def _sdpa_out(q: Tensor, k_cache: Tensor, v_cache: Tensor, start_pos: int, scale
 @torch.library.register_fake("et_transformers::sdpa")
 def _sdpa_fake(q: Tensor, k_cache: Tensor, v_cache: Tensor, start_pos: int, scale: float) -> Tensor:
     return torch.empty_like(q)
+
+
+def rms_norm_reference(x: Tensor, weight: Tensor, eps: float, unit_offset: bool) -> Tensor:
+    """Transformers' RMSNorm in float32: ``x * rsqrt(mean(x**2) + eps) * w`` (``w = 1 + weight``
+    when ``unit_offset``)."""
+    xf = x.float()
+    normed = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    w = 1.0 + weight.float() if unit_offset else weight.float()
+    return (normed * w).to(x.dtype)
+
+
+def rope_reference(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """``x * cos + rotate_half(x) * sin`` for ``x`` ``[B, S, H, D]`` and ``cos``/``sin`` ``[B, S, D]``."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos.unsqueeze(2) + rotated * sin.unsqueeze(2)
+
+
+def silu_mul_reference(gate: Tensor, up: Tensor) -> Tensor:
+    """``silu(gate) * up``."""
+    return torch.nn.functional.silu(gate) * up
+
+
+def _define(name: str, reference, fake) -> None:
+    """Register ``reference`` as the eager kernel of ``name`` and its ``.out`` overload, and ``fake``."""
+
+    def out_overload(*args, out: Tensor) -> Tensor:
+        result = reference(*args)
+        out.resize_(result.shape)
+        return out.copy_(result)
+
+    torch.library.impl(_lib, name, "CompositeExplicitAutograd")(reference)
+    torch.library.impl(_lib, f"{name}.out", "CompositeExplicitAutograd")(out_overload)
+    torch.library.register_fake(f"et_transformers::{name}")(fake)
+
+
+_define("rms_norm", rms_norm_reference, lambda x, weight, eps, unit_offset: torch.empty_like(x))
+_define("rope", rope_reference, lambda x, cos, sin: torch.empty_like(x))
+_define("silu_mul", silu_mul_reference, lambda gate, up: torch.empty_like(gate))
