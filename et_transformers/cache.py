@@ -46,7 +46,7 @@ _KEY_PACKAGES = ("et-transformers", "torch", "executorch", "torchao", "transform
 
 
 #: Modules that shape the program (relative to the package): hashed into keys in a development checkout.
-_EXPORTER_SOURCES = ("export/*.py", "kernels/ops.py", "config.py", "architectures.py", "manifest.py", "tokenization.py")
+_EXPORTER_SOURCES = ("export/*.py", "kernels/ops.py", "data/calibration.txt", "config.py", "architectures.py", "manifest.py", "tokenization.py")
 
 
 @functools.lru_cache(maxsize=1)

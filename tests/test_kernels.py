@@ -105,16 +105,15 @@ def q4_export(tiny_llama_dir, tmp_path_factory):
 
 
 def test_q4_program_equals_its_eager_model(q4_export, tiny_llama_model):
-    from et_transformers.export.wrapper import ExportableCausalLM
-
-    model = copy.deepcopy(tiny_llama_model)
-    report = quantize_model(model, q4_export.export_config)
+    report = q4_export.quantization_report
     assert report["linear"]["grouped"] == 15 and report["head"]["scheme"] == "q4_0"
     assert report["q4_0_fused"] == 4  # q/k/v and gate/up of each of the 2 layers: one call each
+    assert report["q4_0_calibration_tokens"] == 64  # the calibration text, cut to the program's context
+    eager = q4_export.module  # quantized with the calibration text's importance, our layer ops
+    model = eager.model
     attention = model.model.layers[0].self_attn
     assert isinstance(attention.q_proj, Q4LinearSlice) and attention.q_proj._fused[0] is attention.qkv_fused
     assert isinstance(model.model.layers[0].mlp.down_proj, Q4Linear) and isinstance(model.lm_head, Q4Linear)
-    eager = ExportableCausalLM(model, 64, logits="all").eval()
     program = Program(q4_export.pte)
     with torch.no_grad():
         expected = eager(PROMPT, torch.arange(PROMPT.shape[1]))
@@ -129,6 +128,30 @@ def test_q4_program_equals_its_eager_model(q4_export, tiny_llama_model):
     assert "llama::custom_sdpa.out" not in operators
     # nothing between our kernels is left to XNNPACK (a delegate call per op would wake its pool)
     assert not q4_export.executorch_program.executorch_program.execution_plan[0].delegates
+
+
+def test_q4_scales_are_searched_against_the_inputs():
+    """Weighted by the inputs' mean squares, the searched scales beat llama.cpp's ``max / -8`` rule
+    on every block's weighted error, and weighting moves the error off the heavy channels."""
+    from et_transformers.export.weight_search import search_q4
+
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(64, 128, generator=g) * torch.rand(64, 1, generator=g)
+    importance = torch.rand(128, generator=g) ** 4 * 100
+
+    def blockwise_error(q, d, imp):
+        deq = (q.float().view(64, 4, 32) * d.view(64, 4, 1)).view(64, 128)
+        return ((deq - w) ** 2 * imp).view(64, 4, 32).sum(-1)
+
+    blocks = w.view(-1, 32)
+    peak = blocks.gather(-1, blocks.abs().argmax(-1, keepdim=True))
+    d_rule = (peak / -8).half().float()
+    q_rule = torch.clamp(torch.floor(blocks / (peak / -8) + 8.5), 0, 15) - 8
+    rule = blockwise_error(q_rule.view(64, 128), d_rule.view(64, 4), importance)
+    searched = blockwise_error(*search_q4(w, importance), importance)
+    assert (searched <= rule + 1e-6).all() and searched.sum() < 0.9 * rule.sum()
+    uniform = blockwise_error(*search_q4(w), importance)
+    assert searched.sum() < uniform.sum()
 
 
 def test_q4_decode_step_scores_a_token_as_a_longer_forward_does(q4_export):

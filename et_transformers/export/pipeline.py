@@ -41,6 +41,7 @@ from .passes import apply_xnnpack_friendly_rewrites
 from .quantize import float_layer_weights, quantize_model
 from .transforms import apply_builtin_transforms
 from .weight_bytes import decode_weight_bytes
+from .weight_search import CALIBRATION_TOKENS, calibration_ids, input_importance
 from .wrapper import ExportableCausalLM
 
 logger = logging.getLogger(__name__)
@@ -208,8 +209,19 @@ class Exporter:
         """Quantize linear and embedding layers as ``export_config`` asks (no-op when it asks none),
         casting each to ``export_config.dtype`` first."""
         module = self._require("module", "source_transform")
+        cfg = self.export_config
         with self._stage("quantize"):
-            self.quantization_report = quantize_model(module, self.export_config, self.export_config.torch_dtype)
+            importance = None
+            if "q4_0" in (cfg.qlinear, cfg.head_scheme):  # its scales are searched against real inputs
+                ids = calibration_ids(self.loaded.tokenizer, int(self.loaded.config.get_text_config().vocab_size),
+                                      min(CALIBRATION_TOKENS, cfg.max_seq_len))
+                if ids is None:
+                    logger.info("q4_0: no usable tokenizer for the calibration text; input channels weigh alike")
+                else:
+                    importance = input_importance(module, ids)
+            self.quantization_report = quantize_model(module, cfg, cfg.torch_dtype, importance)
+            if importance is not None:
+                self.quantization_report["q4_0_calibration_tokens"] = int(ids.shape[1])
         return self
 
     def example_inputs(self) -> tuple[torch.Tensor, torch.Tensor]:

@@ -316,18 +316,20 @@ def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
     setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
 
 
-def _q4_linear(name: str, module: nn.Linear, dtype: torch.dtype, fallbacks: list[str]) -> Q4Linear | None:
-    """``module`` as a :class:`Q4Linear` (torchao's HQQ int4 values, scales as float16), or ``None``
-    (recorded in ``fallbacks``) when the kernel's layout cannot hold its shape."""
-    from executorch.extension.llm.export.quantize import _make_linear_config
-
+def _q4_linear(
+    name: str, module: nn.Linear, dtype: torch.dtype, fallbacks: list[str], importance: torch.Tensor | None
+) -> Q4Linear | None:
+    """``module`` as a :class:`Q4Linear` (scales searched against ``importance``, see
+    :mod:`.weight_search`; stored as float16), or ``None`` (recorded in ``fallbacks``) when the
+    kernel's layout cannot hold its shape."""
     from ..kernels.ops import pack_q4, packable
+    from .weight_search import search_q4
 
     out_features, in_features = module.weight.shape
     if not packable(out_features, in_features):
         fallbacks.append(name)
         return None
-    qdata, scale = _torchao_quantize(module.weight, _make_linear_config("8da4w", Q4_GROUP_SIZE), dtype)
+    qdata, scale = search_q4(module.weight.detach().to(dtype), importance)
     qweight, scales = pack_q4(qdata, scale)
     bias = None if module.bias is None else module.bias.to(dtype)
     return Q4Linear(qweight, scales, bias)
@@ -359,7 +361,12 @@ def float_layer_weights(model: nn.Module) -> list[torch.Tensor]:
     return [m.weight for m in model.modules() if type(m) in (nn.Linear, nn.Embedding)]
 
 
-def quantize_model(model: nn.Module, config: ExportConfig, dtype: torch.dtype | None = None) -> dict[str, dict]:
+def quantize_model(
+    model: nn.Module,
+    config: ExportConfig,
+    dtype: torch.dtype | None = None,
+    importance: dict[str, torch.Tensor] | None = None,
+) -> dict[str, dict]:
     """Replace ``model``'s linear and embedding layers by quantized ones, as ``config`` asks.
 
     Each weight is cast to ``dtype`` just before it is quantized, so a model whose other parts
@@ -372,6 +379,9 @@ def quantize_model(model: nn.Module, config: ExportConfig, dtype: torch.dtype | 
         config: ``qlinear``/``qembedding`` of ``None`` leave those layers in float; ``qhead``
             decides the output head (see :func:`_linear_plan`).
         dtype: the model's final dtype; ``config.torch_dtype`` by default.
+        importance: per linear layer name, the mean square of its input channels
+            (:func:`.weight_search.input_importance`); ``q4_0`` layers choose their scales with
+            it (layers without an entry weigh their inputs alike).
 
     Returns:
         ``{"linear": {...}, "embedding": {...}, "head": {...}}``: counts of layers quantized with
@@ -401,7 +411,7 @@ def quantize_model(model: nn.Module, config: ExportConfig, dtype: torch.dtype | 
                 if scheme is None:
                     continue
                 if scheme == "q4_0":
-                    new = _q4_linear(name, module, dtype, q4_fallbacks)
+                    new = _q4_linear(name, module, dtype, q4_fallbacks, (importance or {}).get(name))
                     if new is not None:
                         _replace(model, name, new)
                         done += 1
