@@ -77,6 +77,8 @@ struct Job {
   const int32_t* xsum; // [M, K/32]
   float* y;            // [M, N]
   size_t groups_per_task;
+  const int* rows;     // the rows to compute (the others are all zero: their outputs are +0)
+  int active;          // how many
 };
 
 // One block's int32 dot products of 8 weight rows (unpacked, 0..15) with an int8 activation block.
@@ -101,26 +103,31 @@ void task(void* arg, size_t t) {
   thread_local std::vector<float> acc_rows;  // [M, 8] running sums of the 8 rows of a group
   acc_rows.resize(static_cast<size_t>(j.M) * kRows);
   float* acc = acc_rows.data();
-  if (j.M == 1) {  // the decode step: the running sums stay in a register
+  if (j.active == 1) {  // the decode step (one row, or one non-zero row): the running sums stay in a register
+    const size_t row0 = static_cast<size_t>(j.rows[0]);
+    const int8_t* xq = j.xq + row0 * j.K;
+    const float* xs = j.xs + row0 * B;
+    const int32_t* xsum = j.xsum + row0 * B;
+    float* y = j.y + row0 * j.N;
     for (size_t g = g0; g < g1; ++g) {
       const uint8_t* wg = j.w + g * static_cast<size_t>(B) * kRows * 16;
       const uint16_t* sg = j.s + g * static_cast<size_t>(B) * kRows;
       __m256 acc1 = _mm256_setzero_ps();
       for (int b = 0; b < B; ++b) {
         const uint8_t* wb = wg + static_cast<size_t>(b) * kRows * 16;
-        const __m256i x = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(j.xq + b * kBlock));
+        const __m256i x = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + b * kBlock));
         __m256i d[kRows];
         for (int r = 0; r < kRows; ++r) {
           const __m256i packed = _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(wb + 16 * r)));
           d[r] = _mm256_madd_epi16(_mm256_maddubs_epi16(_mm256_and_si256(_mm256_srlv_epi32(packed, shift), m4), x), ones);
         }
         const __m256i dot = _mm256_sub_epi32(reduce8(d[0], d[1], d[2], d[3], d[4], d[5], d[6], d[7]),
-                                             _mm256_set1_epi32(8 * j.xsum[b]));
+                                             _mm256_set1_epi32(8 * xsum[b]));
         const __m256 sc = _mm256_mul_ps(_mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(sg + b * kRows))),
-                                        _mm256_set1_ps(j.xs[b]));
+                                        _mm256_set1_ps(xs[b]));
         acc1 = _mm256_add_ps(acc1, _mm256_mul_ps(_mm256_cvtepi32_ps(dot), sc));  // the same operations as below
       }
-      _mm256_storeu_ps(j.y + g * kRows, acc1);
+      _mm256_storeu_ps(y + g * kRows, acc1);
     }
     return;
   }
@@ -136,7 +143,8 @@ void task(void* arg, size_t t) {
         w[r] = _mm256_and_si256(_mm256_srlv_epi32(packed, shift), m4);
       }
       const __m256 ws = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(sg + b * kRows)));
-      for (int m = 0; m < j.M; ++m) {
+      for (int i = 0; i < j.active; ++i) {
+        const int m = j.rows[i];
         const size_t row = static_cast<size_t>(m) * B + b;
         const __m256i x = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(j.xq + row * kBlock));
         const __m256i dot = _mm256_sub_epi32(dot8(w, x, ones), _mm256_set1_epi32(8 * j.xsum[row]));
@@ -145,8 +153,10 @@ void task(void* arg, size_t t) {
         _mm256_storeu_ps(a, _mm256_add_ps(_mm256_loadu_ps(a), _mm256_mul_ps(_mm256_cvtepi32_ps(dot), sc)));
       }
     }
-    for (int m = 0; m < j.M; ++m)
+    for (int i = 0; i < j.active; ++i) {
+      const int m = j.rows[i];
       std::memcpy(j.y + static_cast<size_t>(m) * j.N + g * kRows, acc + static_cast<size_t>(m) * kRows, sizeof(float) * kRows);
+    }
   }
 }
 
@@ -182,8 +192,21 @@ void q4_linear_out(KernelRuntimeContext& ctx, Span<EValue*> stack) {
   for (int m = 0; m < M; ++m)
     quantize_row(xp + static_cast<size_t>(m) * K, K, xq.data() + static_cast<size_t>(m) * K, xs.data() + m * B,
                  xsum.data() + m * B);
+  // All-zero rows (the padding rows of a verifying program's head, on every decode step) give +0
+  // whatever the weights (each term is dot * (scale * 0)): written here, not computed.
+  thread_local std::vector<int> rows;
+  rows.clear();
+  float* y = out.mutable_data_ptr<float>();
+  for (int m = 0; m < M; ++m) {
+    const float* sm = xs.data() + static_cast<size_t>(m) * B;
+    if (std::any_of(sm, sm + B, [](float v) { return v != 0.f; }))
+      rows.push_back(m);
+    else
+      std::fill(y + static_cast<size_t>(m) * N, y + static_cast<size_t>(m + 1) * N, 0.f);
+  }
+  if (rows.empty()) return;
   Job job{M, K, N, w.const_data_ptr<uint8_t>(), reinterpret_cast<const uint16_t*>(s.const_data_ptr<executorch::aten::Half>()),
-          xq.data(), xs.data(), xsum.data(), out.mutable_data_ptr<float>(), 0};
+          xq.data(), xs.data(), xsum.data(), y, 0, rows.data(), static_cast<int>(rows.size())};
   const size_t threads = pool_threads();
   const size_t G = static_cast<size_t>(N / kRows);
   // A few tasks per thread so an unevenly loaded core does not hold the others back.
