@@ -131,6 +131,41 @@ def write_table(path: Path, table: str) -> None:
     path.write_text(text)
 
 
+def merge_table(old: str, new: str, note: str) -> str:
+    """``old`` (a table :func:`render` wrote) with the recipe rows of ``new`` replacing or joining
+    its own (new recipes go before the llama.cpp rows); ``note`` is appended to the caption."""
+    def rows(table: str) -> list[str]:
+        return [line for line in table.splitlines() if line.startswith("| ") and not line.startswith("| recipe |")]
+
+    def name(line: str) -> str:
+        return line.split("|")[1].strip()
+
+    fresh = {name(line): line for line in rows(new) if not name(line).startswith("eager")}
+    lines = old.splitlines()
+    out = []
+    for line in lines:
+        if line.startswith("| ") and name(line) in fresh:
+            out.append(fresh.pop(name(line)))
+        elif line.startswith("| llama.cpp") and fresh:
+            out.extend(fresh.values())
+            fresh.clear()
+            out.append(line)
+        else:
+            out.append(line)
+    out.extend(fresh.values())
+    if note:
+        out[0] = f"{out[0]} {note}"
+    return "\n".join(out)
+
+
+def read_table(path: Path) -> str | None:
+    """The table between ``path``'s markers, or ``None``."""
+    text = path.read_text() if path.exists() else ""
+    if MARKERS[0] not in text or MARKERS[1] not in text:
+        return None
+    return text.split(MARKERS[0], 1)[1].split(MARKERS[1], 1)[0].strip("\n")
+
+
 def main() -> None:
     from et_transformers import ETModelForCausalLM
     from et_transformers.config import RECIPES
@@ -144,6 +179,8 @@ def main() -> None:
     parser.add_argument("--cache-dir", type=Path, default=ROOT / ".demo" / "et-cache")
     parser.add_argument("--llamacpp", action="store_true", help="add llama.cpp rows (builds it once, ~12 min)")
     parser.add_argument("--write", action="store_true", help="write the table into README.md and model_cards/")
+    parser.add_argument("--update", action="store_true",
+                        help="with --write: replace (or add) only the measured recipes' rows of the written table")
     parser.add_argument("--note", default="", help="a sentence appended to the table's caption")
     parser.add_argument("--json", type=Path, help="also save the rows as JSON here")
     args = parser.parse_args()
@@ -186,8 +223,9 @@ def main() -> None:
     if args.json:
         args.json.write_text(json.dumps({"base_ppl": base_ppl, "rows": rows}, indent=1))
     if args.write:
-        write_table(ROOT / "README.md", table)
-        write_table(ROOT / "model_cards" / "SmolLM2-135M-Instruct.md", table)
+        for path in (ROOT / "README.md", ROOT / "model_cards" / "SmolLM2-135M-Instruct.md"):
+            old = read_table(path) if args.update else None
+            write_table(path, merge_table(old, table, args.note) if old else table)
 
 
 if __name__ == "__main__":

@@ -415,11 +415,30 @@ RECIPES: dict[str, dict[str, Any]] = {
         "kv_cache_dtype": "int8",
     },
     "xnnpack-8da4w-pure": {"qlinear": "8da4w", "qembedding": "8w"},
-    # our own q4_0 kernel for the 4-bit layers (x86-64 AVX2; runs only where et_transformers loads it)
-    "xnnpack-q4_0": {"qlinear": "q4_0", "qhead": "8da8w", "qembedding": "8w"},
+    # our own kernels (x86-64 AVX2; the program runs only where et_transformers loads them): every
+    # linear, the head too, in q4_0; the -head8 variant keeps an 8-bit head (better quality, slower)
+    "xnnpack-q4_0": {"qlinear": "q4_0", "qembedding": "8w"},
+    "xnnpack-q4_0-head8": {"qlinear": "q4_0", "qhead": "8da8w", "qembedding": "8w"},
     "portable-fp32": {"backend": "portable"},
 }
-DEFAULT_RECIPE = "xnnpack-8da4w"
+#: The default where our kernels cannot run here (another CPU or OS, no C++ compiler), and for
+#: programs that must run on a stock ExecuTorch runtime (phones, the C++ runner without us).
+PORTABLE_DEFAULT_RECIPE = "xnnpack-8da4w"
+#: The default where our kernels build and run: faster and better than llama.cpp's Q4_0 here (README).
+OWN_KERNELS_DEFAULT_RECIPE = "xnnpack-q4_0"
+
+
+def default_recipe() -> str:
+    """The recipe ``from_pretrained`` builds when given none: :data:`OWN_KERNELS_DEFAULT_RECIPE` on
+    an x86-64 Linux CPU with AVX2/FMA/F16C and a C++ compiler (where :mod:`et_transformers.kernels`
+    builds), else :data:`PORTABLE_DEFAULT_RECIPE`."""
+    from .kernels import available
+
+    return OWN_KERNELS_DEFAULT_RECIPE if available() else PORTABLE_DEFAULT_RECIPE
+
+
+#: This machine's default recipe (see :func:`default_recipe`).
+DEFAULT_RECIPE = default_recipe()
 
 
 def recipe(name: str, **overrides: Any) -> ExportConfig:

@@ -97,7 +97,8 @@ RECIPE_PLANS = {
     "xnnpack-8da4w": (("8da4w", 32), ("8da8w", None), ("8da8w", None), "8w"),
     "xnnpack-8da4w-kv8": (("8da4w", 32), ("8da8w", None), ("8da8w", None), "8w"),
     "xnnpack-8da4w-pure": (("8da4w", 32), ("8da4w", 32), ("8da4w", 32), "8w"),
-    "xnnpack-q4_0": (("q4_0", None), ("q4_0", None), ("8da8w", None), "8w"),  # q4_0 has its fixed block of 32
+    "xnnpack-q4_0": (("q4_0", None), ("q4_0", None), ("q4_0", None), "8w"),  # q4_0 has its fixed block of 32
+    "xnnpack-q4_0-head8": (("q4_0", None), ("q4_0", None), ("8da8w", None), "8w"),
     "portable-fp32": ((None, None), (None, None), (None, None), None),
 }
 
@@ -126,3 +127,12 @@ def test_from_dict_still_refuses_invalid_values_and_unknown_keys():
         ExportConfig.from_dict({**OLD_FP32_MANIFEST, "qlinear": "8da4w", "qlinear_group_size": 48})
     with pytest.raises(InvalidConfigError, match="unknown ExportConfig field"):
         ExportConfig.from_dict({**OLD_FP32_MANIFEST, "qlinear_groupsize": 32})
+
+
+def test_the_default_recipe_uses_our_kernels_only_where_they_run(monkeypatch):
+    from et_transformers import config, kernels
+
+    monkeypatch.setattr(kernels, "available", lambda: True)
+    assert config.default_recipe() == "xnnpack-q4_0" and recipe("xnnpack-q4_0").uses_own_kernels
+    monkeypatch.setattr(kernels, "available", lambda: False)
+    assert config.default_recipe() == "xnnpack-8da4w" and not recipe("xnnpack-8da4w").uses_own_kernels

@@ -72,6 +72,22 @@ def cpu_supported() -> bool:
     return all(f in flags for f in ("avx2", "fma", "f16c"))
 
 
+def _compiler() -> str | None:
+    return os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++") or shutil.which("clang++")
+
+
+def available() -> bool:
+    """Whether the kernels can be built and run here (Linux, an AVX2/FMA/F16C CPU, a C++ compiler,
+    ExecuTorch's headers); cheap: nothing is compiled."""
+    if not sys.platform.startswith("linux") or not cpu_supported() or _compiler() is None:
+        return False
+    try:
+        root = _executorch_root()
+    except KernelBuildError:
+        return False
+    return (root / "include" / "executorch" / "runtime" / "kernel" / "operator_registry.h").is_file()
+
+
 def library_path() -> Path:
     """The compiled kernel library for this environment, building it first if needed.
 
@@ -95,7 +111,7 @@ def library_path() -> Path:
     target = _cache_dir() / f"libet_transformers_kernels-{digest.hexdigest()[:16]}.so"
     if target.is_file():
         return target
-    compiler = os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++") or shutil.which("clang++")
+    compiler = _compiler()
     if not compiler:
         raise KernelBuildError("no C++ compiler found (install g++ or set CXX) to build et_transformers' kernels.")
     target.parent.mkdir(parents=True, exist_ok=True)
