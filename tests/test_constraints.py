@@ -193,3 +193,16 @@ def test_a_format_the_vocabulary_cannot_spell_is_refused(et):
     ids = et.tokenizer(PROMPT, return_tensors="pt").input_ids
     with pytest.raises(ConstraintError, match=re.escape("cannot spell '{'")):
         et.generate(ids, response_format={"type": "json_object"}, max_new_tokens=4)
+
+
+def test_cli_generate_with_regex_and_a_schema_the_vocabulary_cannot_spell(cli_export, tmp_path):
+    from conftest import run_cli
+
+    pattern = "(one|two|three)( (one|two|three)){2}"
+    ok = run_cli("generate", cli_export[0], "one two", "--regex", pattern, "--max-new-tokens", "16")
+    assert ok.returncode == 0, ok.stderr[-2000:]
+    assert re.fullmatch(pattern, ok.stdout.strip()), ok.stdout
+    schema = tmp_path / "answer.json"
+    schema.write_text(json.dumps(SCHEMA))
+    bad = run_cli("generate", cli_export[0], "one two", "--json-schema", schema, "--max-new-tokens", "8")
+    assert bad.returncode == 2 and "cannot spell '{'" in bad.stderr, bad.stderr[-2000:]
