@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import logging
 import re
+import threading
 import weakref
 from copy import copy
 from typing import Any
@@ -52,6 +53,7 @@ JSON_OPTIONS = {"whitespace_flexible": False, "item_separator": ", ", "key_separ
 JSON_TYPES = ("object", "array", "string", "number", "integer", "boolean", "null")
 _NEG_INF_BITS = np.float32(-np.inf).view(np.int32)
 _TOKENIZERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # HF tokenizer -> {key: LLTokenizer}
+_LOCK = threading.Lock()  # the caches below are shared by the server's worker threads
 
 
 def _llguidance():
@@ -188,6 +190,11 @@ def ll_tokenizer(tokenizer, vocab_size: int, eos_ids: tuple[int, ...]):
         ConstraintError: the tokenizer is not a fast (``tokenizers``-backed) one.
     """
     key = (vocab_size, eos_ids)
+    with _LOCK:
+        return _ll_tokenizer(tokenizer, key)
+
+
+def _ll_tokenizer(tokenizer, key):
     per = _TOKENIZERS.setdefault(tokenizer, {})
     if key not in per:
         backend = getattr(tokenizer, "backend_tokenizer", None)
@@ -198,7 +205,7 @@ def ll_tokenizer(tokenizer, vocab_size: int, eos_ids: tuple[int, ...]):
         backend = copy(backend)  # to_str() would serialize padding/truncation settings: drop them
         backend.no_padding()
         backend.no_truncation()
-        per[key] = _llguidance().LLTokenizer(backend.to_str(), n_vocab=vocab_size, eos_token=list(eos_ids))
+        per[key] = _llguidance().LLTokenizer(backend.to_str(), n_vocab=key[0], eos_token=list(key[1]))
     return per[key]
 
 
@@ -350,6 +357,11 @@ def _compile(lltok, grammar: str):
         ConstraintError: the grammar does not compile (llguidance's message: the rule or schema part).
     """
     key = (id(lltok), grammar)
+    with _LOCK:
+        return _compiled(key, lltok, grammar).deep_copy()
+
+
+def _compiled(key, lltok, grammar: str):
     if key not in _COMPILED:
         ll = _llguidance()
         matcher = ll.LLMatcher(lltok, grammar, log_level=0)
@@ -359,4 +371,4 @@ def _compile(lltok, grammar: str):
         if len(_COMPILED) >= _MAX_COMPILED:
             _COMPILED.pop(next(iter(_COMPILED)))
         _COMPILED[key] = (lltok, matcher)  # holding lltok keeps its id from being reused
-    return _COMPILED[key][1].deep_copy()
+    return _COMPILED[key][1]

@@ -6,8 +6,8 @@ A :class:`ToolFormat` is how one chat-template family writes a call (:data:`TOOL
 and ``llama3_json`` (Llama 3.x: the reply is ``{"name", "parameters"}``). :func:`tool_format_for`
 picks it from an explicit ``model_type`` table when the tokenizer's own chat template renders
 tools (checked by rendering, not by reading the template); other templates get the ``hermes``
-instructions from us (:func:`render`), as a system message, with past calls and tool results
-written in the same format. :func:`parse` and :class:`ToolCallStream` turn a reply (whole or
+instructions from us (:func:`render`), as a system message, with past calls written in that
+format and tool results as user messages. :func:`parse` and :class:`ToolCallStream` turn a reply (whole or
 token by token) into content and :class:`ToolCall` s; :func:`call_format` is the
 ``response_format`` (a Lark grammar whose arguments are each tool's JSON schema) that makes a call
 certain when ``tool_choice`` requires one.
@@ -165,10 +165,12 @@ def render(tokenizer, messages: list[dict], tools: list[dict] | None = None, *, 
     native = bool(tools) and model_type in FAMILY_TOOL_FORMATS and _renders_tools(tokenizer)
     fmt = tool_format_for(tokenizer, model_type) if native else TOOL_FORMATS["hermes"]
     out: list[dict] = []
+    names: dict = {}  # tool_call_id -> function name, for the results that answer them
     for m in messages:
         m = dict(m)
         if m.get("role") == "assistant" and m.get("tool_calls"):
             calls = [_arguments(c) for c in m["tool_calls"]]
+            names.update((c.get("id"), n) for c, (n, _) in zip(m["tool_calls"], calls))
             if native:
                 m["tool_calls"] = [{"type": "function", "function": {"name": n, "arguments": a}} for n, a in calls]
                 m["content"] = m.get("content") or ""
@@ -176,7 +178,10 @@ def render(tokenizer, messages: list[dict], tools: list[dict] | None = None, *, 
                 m["content"] = "\n".join(filter(None, [m.get("content")] + [_call_text(fmt, n, a) for n, a in calls]))
                 del m["tool_calls"]
         elif m.get("role") == "tool" and not native:
-            m = {"role": "user", "content": f"<tool_response>\n{m.get('content') or ''}\n</tool_response>"}
+            # Plain words, not Hermes' <tool_response> tags: a model that was never taught tools
+            # answers from "X returned: ..." and tends to echo the tags back (SmolLM2-135M does).
+            name = names.get(m.get("tool_call_id"), "the")
+            m = {"role": "user", "content": f"The {name} tool returned: {m.get('content') or ''}"}
         if m.get("content") is None:
             m["content"] = ""
         out.append(m)

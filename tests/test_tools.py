@@ -95,7 +95,7 @@ def test_render_uses_a_template_that_renders_tools_and_explains_them_to_one_that
     assert explained.startswith("<|im_start|>system\n# Tools\n\nYou may call one or more functions")
     assert '{"type": "function", "function": {"name": "get_weather"' in explained
     assert '<|im_start|>assistant\n<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris", "unit": "C"}}' \
-        in explained and "<tool_response>\n21 C, sunny\n</tool_response>" in explained
+        in explained and "<|im_start|>user\nThe get_weather tool returned: 21 C, sunny<|im_end|>" in explained
     assert tools.tool_format_for(plain, "qwen2") is HERMES  # it was told the hermes format
 
 
@@ -134,7 +134,7 @@ def test_two_tool_conversation_through_the_openai_client(client):
     assert choice.finish_reason == "tool_calls" and len(choice.message.tool_calls) == 1
     call = choice.message.tool_calls[0]
     _check_call(call)
-    messages += [choice.message.model_dump(exclude_none=True),
+    messages += [choice.message.model_dump(),  # as the SDK returns it: refusal, annotations... null
                  {"role": "tool", "tool_call_id": call.id, "content": "21 C and sunny"}]
     final = client.chat.completions.create(model="tiny", messages=messages, tools=TOOLS, tool_choice="none",
                                            temperature=0, max_tokens=16)

@@ -60,6 +60,12 @@ class ChatMessage(BaseModel):
     tool_calls: list[ToolCallParam] | None = None
     tool_call_id: str | None = None
     name: str | None = None
+    # What clients send back with an assistant message they received (the openai SDK's message
+    # object); accepted when empty, as they carry nothing this server produces.
+    refusal: None = None
+    annotations: list[Any] | None = None
+    audio: None = None
+    function_call: None = None
 
     @model_validator(mode="after")
     def _content_or_calls(self):
