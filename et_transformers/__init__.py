@@ -16,6 +16,7 @@ from .architectures import MODEL_TYPE_ALIASES, SUPPORTED_MODEL_TYPES
 from .config import ExportConfig
 from .errors import (
     CacheError,
+    ConstraintError,
     ContextFullError,
     ETTransformersError,
     ExportError,
@@ -41,6 +42,7 @@ _LAZY = {
 __all__ = [
     "CacheError",
     "ChatSession",
+    "ConstraintError",
     "ContextFullError",
     "ETModelForCausalLM",
     "ETTransformersError",

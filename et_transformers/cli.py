@@ -167,6 +167,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("prompt", help="the prompt text")
     p.add_argument("--chat", action="store_true", help="apply the tokenizer's chat template to the prompt")
     p.add_argument("--stats", action="store_true", help="print TTFT, prefill/decode tok/s and peak RSS")
+    g = p.add_argument_group("structured output (one of; needs the 'structured' extra)")
+    form = g.add_mutually_exclusive_group()
+    form.add_argument("--json-schema", type=Path, metavar="FILE", help="the output is JSON valid under this JSON schema")
+    form.add_argument("--regex", help="the output matches this regular expression")
+    form.add_argument("--grammar", type=Path, metavar="FILE", help="the output follows this context-free grammar")
+    g.add_argument("--grammar-syntax", choices=["lark", "gbnf"], default="lark",
+                   help="syntax of --grammar: Lark (default) or llama.cpp's GBNF")
     _add_sampling_options(p)
 
     p = command("chat", commands.cmd_chat, "interactive multi-turn chat (the KV cache is kept across turns)")

@@ -106,6 +106,28 @@ def _generation_kwargs(args: argparse.Namespace) -> dict:
     return kwargs
 
 
+def _response_format(args: argparse.Namespace) -> dict | None:
+    """``--json-schema FILE`` / ``--regex`` / ``--grammar FILE`` as a ``response_format`` (checked by
+    generate(), before the program runs).
+
+    Raises:
+        ETTransformersError: ``--grammar-syntax`` without ``--grammar``; a schema file that is not JSON.
+    """
+    if args.grammar_syntax != "lark" and args.grammar is None:
+        raise ETTransformersError("--grammar-syntax applies to --grammar FILE only.")
+    if args.json_schema is not None:
+        try:
+            return {"type": "json_schema", "json_schema": {"name": args.json_schema.stem,
+                                                           "schema": json.loads(args.json_schema.read_text())}}
+        except ValueError as e:
+            raise ETTransformersError(f"--json-schema {args.json_schema}: not a JSON file ({e}).") from e
+    if args.regex is not None:
+        return {"type": "regex", "pattern": args.regex}
+    if args.grammar is not None:
+        return {"type": "grammar", "grammar": args.grammar.read_text(), "syntax": args.grammar_syntax}
+    return None
+
+
 def _streamer(tokenizer):
     from transformers import TextStreamer
 
@@ -165,7 +187,11 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from .profiling import encode_prompt
 
     ids = encode_prompt(tok, args.prompt, args.chat)
-    model.generate(ids, streamer=_streamer(tok), **_generation_kwargs(args))
+    kwargs = _generation_kwargs(args)
+    response_format = _response_format(args)
+    if response_format is not None:
+        kwargs["response_format"] = response_format
+    model.generate(ids, streamer=_streamer(tok), **kwargs)
     if args.stats:
         _err(model.stats.summary())
     return 0

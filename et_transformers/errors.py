@@ -48,3 +48,9 @@ class ContextFullError(ETTransformersError, ValueError):
 class TokenizerError(ETTransformersError, ValueError):
     """A text feature (a text prompt, ``stop_strings``, a chat) needs a tokenizer the model lacks, or
     a ``tokenizer=`` path holds none."""
+
+
+class ConstraintError(ETTransformersError, ValueError):
+    """A ``response_format`` (JSON schema, regex, choice, grammar) or a tool definition is not valid,
+    cannot be compiled, or asks for text the vocabulary cannot spell; or constrained decoding reached
+    a state no token can continue."""

@@ -138,11 +138,15 @@ def _is_transformers_own(obj) -> bool:
 
 #: Finish reasons (:attr:`~et_transformers.streaming.GenerationResponse.finish_reason`), and which
 #: wins when several criteria stop the same step.
-FINISH_REASONS = ("eos", "stop_string", "length", "max_time", "criteria", "context")
+FINISH_REASONS = ("eos", "stop_string", "grammar", "length", "max_time", "criteria", "context")
 
 
 def _reason(criterion) -> str:
-    """The finish reason a transformers stopping criterion stands for."""
+    """The finish reason a transformers stopping criterion stands for (a criterion of ours may name
+    its own, e.g. the grammar's completion)."""
+    own = getattr(criterion, "finish_reason", None)
+    if own in FINISH_REASONS:
+        return own
     if isinstance(criterion, sc.EosTokenCriteria):
         return "eos"
     if isinstance(criterion, sc.StopStringCriteria):

@@ -608,6 +608,12 @@ class ETModelForCausalLM:
                 call rounds differently; sampling: the same distribution), and ``stats`` counts drafted and
                 accepted tokens. One prompt at a time; at most ``verify_tokens - 1`` drafted
                 tokens per step (see ``ExportConfig``).
+                Structured output: ``response_format=`` a JSON schema (dict or pydantic model
+                class), or ``{"type": "json_schema" | "json_object" | "regex" | "choice" |
+                "grammar", ...}`` (see :func:`et_transformers.constraints.grammar_for`): every
+                token the format does not allow is masked before the other processors run, and
+                generation ends (finish reason ``"grammar"``) when the format is complete. Needs
+                the ``structured`` extra and a tokenizer.
 
         Returns:
             LongTensor ``[batch, seq + new]``: prompts followed by new tokens, padded with
@@ -622,7 +628,10 @@ class ETModelForCausalLM:
             ValueError: bad input (empty prompt, ids outside the vocabulary, prompt or requested
                 length beyond the context, out-of-range sampling values, unknown keywords),
                 raised before the program runs.
-            TokenizerError: ``stop_strings`` with no tokenizer (passed or the model's).
+            TokenizerError: ``stop_strings`` or ``response_format`` with no tokenizer (passed or the model's).
+            ConstraintError: an invalid ``response_format``, one that does not compile, or one
+                whose text the vocabulary cannot spell; also raised while generating if a grammar
+                reaches a state no token of the vocabulary can continue.
         """
         tokenizer = kwargs.pop("tokenizer", None)
         if tokenizer is None and kwargs.get("stop_strings") is not None:

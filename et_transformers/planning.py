@@ -71,7 +71,8 @@ def merge_config(default: GenerationConfig, generation_config: GenerationConfig 
         raise ValueError(
             f"generate() got unknown or unsupported keyword argument(s) {sorted(unknown)}. It accepts "
             f"GenerationConfig fields (supported: {', '.join(SUPPORTED_FIELDS)}) and input_ids, "
-            f"attention_mask, generation_config, streamer, logits_processor, stopping_criteria, tokenizer."
+            f"attention_mask, generation_config, streamer, logits_processor, stopping_criteria, tokenizer, "
+            f"response_format, assistant_model, rng."
         )
     user = set(kwargs) | (set(generation_config.to_diff_dict()) if generation_config is not None else set())
     refused = refused_fields(gc)
@@ -297,6 +298,29 @@ def fit_context(gc: GenerationConfig, mask: torch.Tensor, user: set[str], contex
     gc.max_length = context + padding
 
 
+def constrain(response_format, tokenizer, vocab_size: int, eos, prompt_len: int, processors, criteria) -> None:
+    """Add ``response_format``'s grammar mask first to each row's processors (it sees the program's
+    logits before transformers' processors do) and its completion to the stopping criteria.
+
+    Raises:
+        TokenizerError: no tokenizer (the grammar is compiled against its vocabulary).
+        ConstraintError: see :class:`~et_transformers.constraints.GrammarLogitsProcessor`.
+    """
+    from .constraints import GrammarLogitsProcessor, grammar_for  # imports llguidance: only when asked
+
+    if grammar_for(response_format) is None:  # {"type": "text"}
+        return
+    if tokenizer is None:
+        raise TokenizerError("response_format needs a tokenizer (the grammar is compiled against its vocabulary): "
+                             "pass tokenizer= to generate().")
+    eos_ids = None if eos is None else eos.tolist()
+    processor = GrammarLogitsProcessor(response_format, tokenizer, vocab_size=vocab_size, eos_token_id=eos_ids,
+                                       prompt_length=prompt_len)
+    for row in processors:
+        row.insert(0, processor)
+    criteria.append(processor.stopping_criteria)
+
+
 def plan(
     *,
     default_generation_config: GenerationConfig,
@@ -326,6 +350,7 @@ def plan(
     """
     assistant = kwargs.pop("assistant_model", None)
     rng = kwargs.pop("rng", None)
+    response_format = kwargs.pop("response_format", None)
     gc, user = merge_config(default_generation_config, generation_config, kwargs)
     if rng is not None:
         if not isinstance(rng, torch.Generator):
@@ -348,5 +373,7 @@ def plan(
     processors = [build_logits_processors(gc, eos, prompt_len, mask[b], custom_processors) for b in range(len(mask))]
     custom_criteria = stopping_criteria if stopping_criteria is not None else sc.StoppingCriteriaList()
     criteria = build_stopping_criteria(gc, eos, custom_criteria, tokenizer, max_pos)
+    if response_format is not None:
+        constrain(response_format, tokenizer, vocab_size, eos, prompt_len, processors, criteria)
     pad_id = int(pad) if pad is not None else 0
     return GenerationPlan(input_ids, mask, gc, processors, criteria, pad_id, assistant, rng)

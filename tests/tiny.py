@@ -58,6 +58,36 @@ def make_tokenizer(vocab_size: int = VOCAB_SIZE):
     return fast
 
 
+#: JSON the structured-output tests' tokenizer learns its merges from (besides :data:`CORPUS`).
+JSON_CORPUS = (
+    '{"name": "Paris", "age": 42, "tags": ["a", "b"], "ok": true, "score": 0.5, "items": [1, 2, 3]} '
+    '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call> '
+    '{"name": "get_time", "parameters": {"zone": "UTC"}} null false '
+) * 4
+
+
+def make_json_tokenizer(vocab_size: int = VOCAB_SIZE):
+    """Like :func:`make_tokenizer`, but its alphabet is all of printable ASCII (plus newline), so it can
+    spell JSON, tool-call tags and any ASCII regex; same specials, chat template and size, so it
+    fits the tiny models' vocabulary. (:func:`make_tokenizer`'s alphabet lacks ``{``: the
+    structured-output tests use that to check unspellable formats are refused.)"""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    # Byte-level BPE writes bytes as printable stand-ins: '!'..'~' as themselves, space 'Ġ', newline 'Ċ'.
+    alphabet = [chr(c) for c in range(ord("!"), ord("~") + 1)] + ["\u0120", "\u010a"]
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS, initial_alphabet=alphabet,
+                                  show_progress=False)
+    tok.train_from_iterator([CORPUS, JSON_CORPUS], trainer=trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|im_start|>", eos_token="<|im_end|>",
+                                   pad_token="<|endoftext|>")
+    fast.chat_template = CHAT_TEMPLATE
+    return fast
+
+
 def llama_config(**overrides):
     """A 2-layer Llama config with GQA, sized for the tiny tokenizer."""
     from transformers import LlamaConfig

@@ -44,6 +44,8 @@ from .schemas import (
     ModelCard,
     ModelList,
     PromptTokensDetails,
+    ToolCallDelta,
+    ToolCallOut,
     Usage,
 )
 from .slots import Job, QueueFull, SlotPool
@@ -55,7 +57,9 @@ from .translation import (
     generation_options,
     token_logprob,
     token_text,
+    tool_plan,
 )
+from ..tools import ToolCallStream, parse
 
 logger = logging.getLogger(__name__)
 
@@ -155,6 +159,7 @@ def create_app(models: list, *, model_id: str, api_key: str | None = None, max_q
     """
     tokenizer = models[0].require_tokenizer("the server")
     meta = models[0].program.metadata
+    model_type = getattr(models[0].config, "model_type", None)  # picks the tool-call format
     defaults = dict(defaults or {})
     pool = SlotPool(models, max_queue)
     metrics = Metrics(pool)
@@ -272,21 +277,32 @@ def create_app(models: list, *, model_id: str, api_key: str | None = None, max_q
         """A chat reply through the model's chat template; streamed with ``stream: true``."""
         check_model(body.model)
         check_supported(body)
-        ids = chat_prompt(tokenizer, body)
+        fmt, response_format = tool_plan(body, tokenizer, model_type, meta.vocab_size)
+        ids = chat_prompt(tokenizer, body, model_type)
+        options = options_for(body, ids)
+        if response_format is not None:
+            options["response_format"] = response_format
         cid = f"chatcmpl-{uuid.uuid4().hex}"
-        job, first, records = await start(ids, options_for(body, ids), label(cid, body))
+        job, first, records = await start(ids, options, label(cid, body))
 
         def logprobs(r) -> ChatLogprobs | None:
             return ChatLogprobs(content=[token_logprob(tokenizer, r.token, r.logprob, r.top_logprobs)]) \
                 if body.logprobs else None
 
+        def finish_of(last, calls: int) -> str:
+            return "tool_calls" if calls else FINISH_REASONS[last.finish_reason]
+
         if not body.stream:
             parts = await collect(job, first, records)
             content = [token_logprob(tokenizer, r.token, r.logprob, r.top_logprobs) for r in parts] \
                 if body.logprobs else None
-            choice = ChatChoice(message=AssistantMessage(content="".join(r.text for r in parts)),
-                                logprobs=ChatLogprobs(content=content) if content is not None else None,
-                                finish_reason=FINISH_REASONS[parts[-1].finish_reason])
+            text, calls = "".join(r.text for r in parts), []
+            if fmt is not None:
+                text, calls = parse(text, fmt)
+            message = AssistantMessage(content=text or None if calls else text,
+                                       tool_calls=[ToolCallOut(**c.as_openai()) for c in calls] or None)
+            choice = ChatChoice(message=message, logprobs=ChatLogprobs(content=content) if content is not None else None,
+                                finish_reason=finish_of(parts[-1], len(calls)))
             return ChatCompletion(id=cid, model=model_id, choices=[choice], usage=_usage(job, len(ids), len(parts)))
 
         async def chunks():
@@ -294,14 +310,35 @@ def create_app(models: list, *, model_id: str, api_key: str | None = None, max_q
                 return ChatCompletionChunk(id=cid, model=model_id, choices=[ChatChunkChoice(delta=delta, **fields)],
                                            usage=None)
 
+            def deltas(events, r=None):
+                """Chunks of splitter events: content as is, each call as a header then its arguments."""
+                text = "".join(e for kind, e in events if kind == "content")
+                if text or (r is not None and body.logprobs):
+                    yield chunk(Delta(content=text), logprobs=logprobs(r) if r is not None else None)
+                for kind, call in events:
+                    if kind == "call":
+                        index = len(called)
+                        called.append(call)
+                        yield chunk(Delta(tool_calls=[ToolCallDelta(index=index, id=call.id, type="function",
+                                                                    function={"name": call.name, "arguments": ""})]))
+                        yield chunk(Delta(tool_calls=[ToolCallDelta(index=index, function={"arguments": call.arguments})]))
+
+            called: list = []
+            splitter = ToolCallStream(fmt) if fmt is not None else None
             yield chunk(Delta(role="assistant", content=""))
             n, r = 0, first
             while r is not None:
                 n += 1
-                if r.text or body.logprobs:
+                if splitter is not None:
+                    for c in deltas(splitter.feed(r.text), r):
+                        yield c
+                elif r.text or body.logprobs:
                     yield chunk(Delta(content=r.text), logprobs=logprobs(r))
                 last, r = r, await anext(records, None)
-            yield chunk(Delta(), finish_reason=FINISH_REASONS[last.finish_reason])
+            if splitter is not None:
+                for c in deltas(splitter.finish()):
+                    yield c
+            yield chunk(Delta(), finish_reason=finish_of(last, len(called)))
             if body.stream_options and body.stream_options.include_usage:
                 yield ChatCompletionChunk(id=cid, model=model_id, choices=[], usage=_usage(job, len(ids), n))
 

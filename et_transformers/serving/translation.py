@@ -17,6 +17,8 @@ from __future__ import annotations
 import torch
 from transformers.generation.logits_process import LogitsProcessor
 
+from .. import tools as tool_calls
+from ..errors import ConstraintError
 from .schemas import (
     UNSUPPORTED_REASONS,
     APIError,
@@ -32,6 +34,7 @@ FINISH_REASONS = {
     "eos": "stop",
     "stop_string": "stop",
     "criteria": "stop",
+    "grammar": "stop",
     "length": "length",
     "context": "length",
     "max_time": "length",
@@ -72,19 +75,72 @@ class PresenceFrequencyPenalty(LogitsProcessor):
 # -- prompts --------------------------------------------------------------------------------------
 
 
-def chat_prompt(tokenizer, request: ChatCompletionRequest) -> list[int]:
-    """The messages through the tokenizer's chat template, ready for the assistant's reply.
+def chat_prompt(tokenizer, request: ChatCompletionRequest, model_type: str | None = None) -> list[int]:
+    """The messages (and tools) through the tokenizer's chat template, ready for the assistant's reply.
 
     Raises:
-        APIError: the tokenizer has no chat template (400).
+        APIError: the tokenizer has no chat template, or invalid tools (400).
     """
     if not getattr(tokenizer, "chat_template", None):
         raise APIError(400, "This model's tokenizer has no chat template: use /v1/completions with a text "
                             "prompt instead.", param="messages", code="no_chat_template")
-    messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()}
-                for m in request.messages]
-    encoded = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True)
-    return list(encoded["input_ids"])
+    messages = [m.as_dict() for m in request.messages]
+    tools = [t.model_dump(exclude_none=True) for t in request.tools] if request.tools else None
+    if tools is None and not any(m.role == "tool" or m.tool_calls for m in request.messages):
+        encoded = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True)
+        return list(encoded["input_ids"])
+    try:
+        return tool_calls.render(tokenizer, messages, tools, model_type=model_type)
+    except ConstraintError as e:
+        raise APIError(400, str(e), param="tools") from e
+
+
+def tool_plan(request: ChatCompletionRequest, tokenizer, model_type: str | None, vocab_size: int):
+    """``(format to parse the reply's tool calls with or None, response_format for generate() or None)``.
+
+    ``tool_choice`` ``"required"`` or a named function constrains the reply to calls (each tool's
+    arguments to its schema); ``"auto"`` (the default with tools) lets the model choose, and the
+    reply is parsed for calls (a ``response_format`` then constrains the reply to a call or that
+    JSON); ``"none"`` parses nothing. Everything is compiled here, before the request waits for a slot.
+
+    Raises:
+        APIError: an invalid or uncompilable ``response_format``, ``tools`` or ``tool_choice`` (400).
+    """
+    from ..constraints import FORMAT_KEYS, GrammarLogitsProcessor
+
+    choice = request.tool_choice or ("auto" if request.tools else "none")
+    if choice != "none" and not request.tools:
+        raise APIError(400, f"tool_choice={choice!r} needs tools: send the tools the model may call, or drop "
+                            f"tool_choice.", param="tool_choice")
+    tools = [t.model_dump(exclude_none=True) for t in request.tools] if request.tools else None
+    if tools:
+        try:
+            tool_calls.check_tools(tools)
+        except ConstraintError as e:
+            raise APIError(400, f"tools: {e}", param="tools", code="invalid_tools") from e
+    rf, param = request.response_format, "response_format"
+    if rf is not None and rf.get("type") not in FORMAT_KEYS:
+        raise APIError(400, f"response_format type {rf.get('type')!r} is not valid: use 'text', 'json_object' or "
+                            f"'json_schema' (or this server's 'regex', 'choice', 'grammar').", param=param,
+                       code="invalid_response_format")
+    if rf is not None and rf.get("type") == "text":
+        rf = None
+    fmt = None
+    try:
+        if choice != "none":
+            fmt = tool_calls.tool_format_for(tokenizer, model_type)
+            name = choice.function.name if not isinstance(choice, str) else None
+            if choice != "auto":
+                rf, param = tool_calls.call_format(tools, fmt, name=name,
+                                                   parallel=name is None and request.parallel_tool_calls is not False), "tool_choice"
+            elif rf is not None:
+                rf, param = tool_calls.call_format(tools, fmt, parallel=request.parallel_tool_calls is not False,
+                                                   or_response_format=rf), "response_format"
+        if rf is not None:
+            GrammarLogitsProcessor(rf, tokenizer, vocab_size=vocab_size)  # compiles now: errors are 400s
+    except ConstraintError as e:
+        raise APIError(400, f"{param}: {e}", param=param, code="invalid_" + param) from e
+    return fmt, rf
 
 
 def completion_prompt(tokenizer, request: CompletionRequest, vocab_size: int) -> list[int]:
