@@ -160,7 +160,7 @@ class Q4Linear(nn.Module):
     """A linear layer run by our ``et_transformers::q4_linear`` kernel (the ``q4_0`` scheme).
 
     Args:
-        qweight: packed int4 values, uint8 ``[out/8, in/32, 8, 16]`` (:func:`~et_transformers.kernels.ops.pack_q4`).
+        qweight: packed int4 values, uint8 ``[out/8, in/32, 128]`` (:func:`~et_transformers.kernels.ops.pack_q4`).
         scales: float16 ``[out/8, in/32, 8]``.
         bias: optional float bias, added after the kernel.
     """
@@ -169,7 +169,7 @@ class Q4Linear(nn.Module):
         super().__init__()
         from ..kernels import ops  # noqa: F401  (defines the operator)
 
-        self.out_features, self.in_features = qweight.shape[0] * qweight.shape[2], qweight.shape[1] * 32
+        self.out_features, self.in_features = qweight.shape[0] * 8, qweight.shape[1] * 32
         self.register_buffer("qweight", qweight)
         self.register_buffer("scales", scales)
         self.bias = None if bias is None else nn.Parameter(bias.detach().float(), requires_grad=False)

@@ -61,27 +61,30 @@ def pack_q4(qdata: Tensor, scale: Tensor) -> tuple[Tensor, Tensor]:
         scale: ``[N, K // 32]`` float scales (stored as float16).
 
     Returns:
-        ``qweight`` uint8 ``[N/8, K/32, 8, 16]`` (byte ``j`` of a row's block: value ``j`` + 8 in the
-        low nibble, value ``j + 16`` + 8 in the high one) and ``scales`` float16 ``[N/8, K/32, 8]``.
+        ``qweight`` uint8 ``[N/8, K/32, 128]``: per group of 8 rows and block of 32 inputs, 4 chunks
+        of 32 bytes, byte ``4r + t`` of chunk ``c`` holding row ``r``'s input ``4c + t`` (+ 8) in its
+        low nibble and input ``16 + 4c + t`` (+ 8) in its high one (so the kernel finds 8 rows' 4
+        consecutive inputs in each 32-bit lane); ``scales`` float16 ``[N/8, K/32, 8]``.
     """
     n, k = qdata.shape
     if not packable(n, k):
         raise ValueError(f"q4 packing needs out_features % {ROWS} == 0 and in_features % {BLOCK} == 0, got [{n}, {k}]")
     if scale.shape != (n, k // BLOCK):
         raise ValueError(f"expected scales of shape [{n}, {k // BLOCK}], got {list(scale.shape)}")
-    u = (qdata.to(torch.int16) + 8).to(torch.uint8).view(n // ROWS, ROWS, k // BLOCK, 2, 16)
-    packed = u[:, :, :, 0] | (u[:, :, :, 1] << 4)  # [G, 8, B, 16]
-    qweight = packed.permute(0, 2, 1, 3).contiguous()
-    scales = scale.to(torch.float16).view(n // ROWS, ROWS, k // BLOCK).permute(0, 2, 1).contiguous()
+    g, b = n // ROWS, k // BLOCK
+    u = (qdata.to(torch.int16) + 8).to(torch.uint8).view(g, ROWS, b, 2, 4, 4)  # [G, r, B, half, c, t]
+    packed = u[:, :, :, 0] | (u[:, :, :, 1] << 4)  # [G, r, B, c, t]
+    qweight = packed.permute(0, 2, 3, 1, 4).reshape(g, b, ROWS * BLOCK // 2).contiguous()
+    scales = scale.to(torch.float16).view(g, ROWS, b).permute(0, 2, 1).contiguous()
     return qweight, scales
 
 
 def unpack_q4(qweight: Tensor, scales: Tensor) -> tuple[Tensor, Tensor]:
     """The inverse of :func:`pack_q4`: ``[N, K]`` int8 values and ``[N, K/32]`` float16 scales."""
     g, b = qweight.shape[:2]
-    lo, hi = qweight & 0x0F, qweight >> 4
-    values = torch.stack((lo, hi), dim=3).view(g, b, ROWS, BLOCK).to(torch.int8) - 8  # [G, B, 8, 32]
-    qdata = values.permute(0, 2, 1, 3).reshape(g * ROWS, b * BLOCK)
+    chunks = qweight.view(g, b, 4, ROWS, 4)  # [G, B, c, r, t]
+    values = torch.stack((chunks & 0x0F, chunks >> 4), dim=3).to(torch.int8) - 8  # [G, B, c, half, r, t]
+    qdata = values.permute(0, 4, 1, 3, 2, 5).reshape(g * ROWS, b * BLOCK)  # [G, r, B, half, c, t]
     return qdata, scales.permute(0, 2, 1).reshape(g * ROWS, b)
 
 

@@ -3,9 +3,10 @@
 // arithmetic of llama.cpp's Q4_0 x Q8_0 dot product. Registered into ExecuTorch's kernel registry
 // (libexecutorch.so) when this library is loaded, and parallelised on ExecuTorch's thread pool.
 //
-// Weight layout (built by et_transformers/export/q4.py): qweight uint8 [N/8, K/32, 8, 16]: for each
-// group of 8 output rows and each block of 32 inputs, the 8 rows' 16 bytes, byte j holding
-// value j + 8 in its low nibble and value j + 16 + 8 in its high nibble; scales fp16 [N/8, K/32, 8].
+// Weight layout (built by et_transformers/kernels/ops.py's pack_q4): qweight uint8 [N/8, K/32, 128]:
+// for each group of 8 output rows and each block of 32 inputs, 4 chunks of 32 bytes; byte 4r + t of
+// chunk c holds row r's input 4c + t (+ 8) in its low nibble and input 16 + 4c + t (+ 8) in its high
+// one. scales fp16 [N/8, K/32, 8].
 //
 // Every output element is computed by the same sequence of float operations whatever the number of
 // rows M in the call, so a token's logits do not depend on how many tokens share the forward.
@@ -25,6 +26,7 @@ using namespace et_transformers_kernels;
 
 constexpr int kBlock = 32;
 constexpr int kRows = 8;
+constexpr int kBlockBytes = kRows * kBlock / 2;  // 8 rows x 32 inputs, two per byte
 
 // Quantize one row of K floats into K/32 int8 blocks: scale = max|x| / 127, q = nearest-even(x * (1 /
 // scale)) (the conversion's default rounding), and the blocks' sums (for the weights' +8 offset).
@@ -61,13 +63,6 @@ void quantize_row(const float* x, int K, int8_t* q, float* scale, int32_t* sum) 
   }
 }
 
-inline __m256i reduce8(__m256i d0, __m256i d1, __m256i d2, __m256i d3, __m256i d4, __m256i d5, __m256i d6,
-                       __m256i d7) {
-  const __m256i t0 = _mm256_hadd_epi32(_mm256_hadd_epi32(d0, d1), _mm256_hadd_epi32(d2, d3));
-  const __m256i t1 = _mm256_hadd_epi32(_mm256_hadd_epi32(d4, d5), _mm256_hadd_epi32(d6, d7));
-  return _mm256_add_epi32(_mm256_permute2x128_si256(t0, t1, 0x20), _mm256_permute2x128_si256(t0, t1, 0x31));
-}
-
 struct Job {
   int M, K, N;
   const uint8_t* w;
@@ -81,16 +76,22 @@ struct Job {
   int active;          // how many
 };
 
-// One block's int32 dot products of 8 weight rows (unpacked, 0..15) with an int8 activation block.
-inline __m256i dot8(const __m256i* w, __m256i x, __m256i ones) {
-  __m256i d[kRows];
-  for (int r = 0; r < kRows; ++r) d[r] = _mm256_madd_epi16(_mm256_maddubs_epi16(w[r], x), ones);
-  return reduce8(d[0], d[1], d[2], d[3], d[4], d[5], d[6], d[7]);
+// Rows [g*8, g*8+8) of every computed output row m, for the groups g of task t. The 8 weight rows
+// of a block sit in the 8 int32 lanes (4 consecutive inputs per lane), so one multiply-add of a
+// broadcast activation quad serves all 8 rows and no horizontal sums are needed: per block, 8
+// maddubs products are summed in int16 (|each| <= 2 * 15 * 127, so 8 of them stay below 2^15),
+// widened once, and corrected for the weights' +8 offset: the exact integer dot of each row. Each
+// weight block is unpacked once per tile of up to kTile activation rows. Every output element then
+// sees the same float operations in the same order (block by block, no FMA) whatever M is.
+constexpr int kTile = 4;
+
+// The 4 int8 values at p in every 32-bit lane.
+inline __m256i broadcast_quad(const int8_t* p) {
+  int32_t v;
+  std::memcpy(&v, p, sizeof(v));
+  return _mm256_set1_epi32(v);
 }
 
-// Rows [g*8, g*8+8) of every output row m, for the groups g of task t. Each weight block is
-// unpacked once and applied to every activation row; every output element sees the same float
-// operations in the same order (block by block, no FMA) whatever M is.
 void task(void* arg, size_t t) {
   const Job& j = *static_cast<const Job*>(arg);
   const int B = j.K / kBlock;
@@ -99,63 +100,34 @@ void task(void* arg, size_t t) {
   const size_t g1 = std::min(G, g0 + j.groups_per_task);
   const __m256i m4 = _mm256_set1_epi8(0x0F);
   const __m256i ones = _mm256_set1_epi16(1);
-  const __m256i shift = _mm256_setr_epi32(0, 0, 0, 0, 4, 4, 4, 4);
-  thread_local std::vector<float> acc_rows;  // [M, 8] running sums of the 8 rows of a group
-  acc_rows.resize(static_cast<size_t>(j.M) * kRows);
-  float* acc = acc_rows.data();
-  if (j.active == 1) {  // the decode step (one row, or one non-zero row): the running sums stay in a register
-    const size_t row0 = static_cast<size_t>(j.rows[0]);
-    const int8_t* xq = j.xq + row0 * j.K;
-    const float* xs = j.xs + row0 * B;
-    const int32_t* xsum = j.xsum + row0 * B;
-    float* y = j.y + row0 * j.N;
-    for (size_t g = g0; g < g1; ++g) {
-      const uint8_t* wg = j.w + g * static_cast<size_t>(B) * kRows * 16;
-      const uint16_t* sg = j.s + g * static_cast<size_t>(B) * kRows;
-      __m256 acc1 = _mm256_setzero_ps();
-      for (int b = 0; b < B; ++b) {
-        const uint8_t* wb = wg + static_cast<size_t>(b) * kRows * 16;
-        const __m256i x = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + b * kBlock));
-        __m256i d[kRows];
-        for (int r = 0; r < kRows; ++r) {
-          const __m256i packed = _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(wb + 16 * r)));
-          d[r] = _mm256_madd_epi16(_mm256_maddubs_epi16(_mm256_and_si256(_mm256_srlv_epi32(packed, shift), m4), x), ones);
-        }
-        const __m256i dot = _mm256_sub_epi32(reduce8(d[0], d[1], d[2], d[3], d[4], d[5], d[6], d[7]),
-                                             _mm256_set1_epi32(8 * xsum[b]));
-        const __m256 sc = _mm256_mul_ps(_mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(sg + b * kRows))),
-                                        _mm256_set1_ps(xs[b]));
-        acc1 = _mm256_add_ps(acc1, _mm256_mul_ps(_mm256_cvtepi32_ps(dot), sc));  // the same operations as below
-      }
-      _mm256_storeu_ps(y + g * kRows, acc1);
-    }
-    return;
-  }
   for (size_t g = g0; g < g1; ++g) {
-    const uint8_t* wg = j.w + g * static_cast<size_t>(B) * kRows * 16;
+    const uint8_t* wg = j.w + g * static_cast<size_t>(B) * kBlockBytes;
     const uint16_t* sg = j.s + g * static_cast<size_t>(B) * kRows;
-    std::fill(acc, acc + static_cast<size_t>(j.M) * kRows, 0.f);
-    for (int b = 0; b < B; ++b) {
-      const uint8_t* wb = wg + static_cast<size_t>(b) * kRows * 16;
-      __m256i w[kRows];
-      for (int r = 0; r < kRows; ++r) {
-        const __m256i packed = _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(wb + 16 * r)));
-        w[r] = _mm256_and_si256(_mm256_srlv_epi32(packed, shift), m4);
+    for (int i0 = 0; i0 < j.active; i0 += kTile) {
+      const int tile = std::min(kTile, j.active - i0);
+      const int* rows = j.rows + i0;
+      __m256 acc[kTile];
+      for (int i = 0; i < kTile; ++i) acc[i] = _mm256_setzero_ps();
+      for (int b = 0; b < B; ++b) {
+        const uint8_t* wb = wg + static_cast<size_t>(b) * kBlockBytes;
+        __m256i w[8];  // quad q: inputs 4q .. 4q+3 of the 8 rows
+        for (int c = 0; c < 4; ++c) {
+          const __m256i packed = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wb + 32 * c));
+          w[c] = _mm256_and_si256(packed, m4);
+          w[c + 4] = _mm256_and_si256(_mm256_srli_epi16(packed, 4), m4);
+        }
+        const __m256 ws = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(sg + b * kRows)));
+        for (int i = 0; i < tile; ++i) {
+          const size_t row = static_cast<size_t>(rows[i]) * B + b;
+          const int8_t* x = j.xq + row * kBlock;
+          __m256i s16 = _mm256_maddubs_epi16(w[0], broadcast_quad(x));
+          for (int q = 1; q < 8; ++q) s16 = _mm256_add_epi16(s16, _mm256_maddubs_epi16(w[q], broadcast_quad(x + 4 * q)));
+          const __m256i dot = _mm256_sub_epi32(_mm256_madd_epi16(s16, ones), _mm256_set1_epi32(8 * j.xsum[row]));
+          const __m256 sc = _mm256_mul_ps(ws, _mm256_set1_ps(j.xs[row]));
+          acc[i] = _mm256_add_ps(acc[i], _mm256_mul_ps(_mm256_cvtepi32_ps(dot), sc));  // the reference rounds twice too
+        }
       }
-      const __m256 ws = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(sg + b * kRows)));
-      for (int i = 0; i < j.active; ++i) {
-        const int m = j.rows[i];
-        const size_t row = static_cast<size_t>(m) * B + b;
-        const __m256i x = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(j.xq + row * kBlock));
-        const __m256i dot = _mm256_sub_epi32(dot8(w, x, ones), _mm256_set1_epi32(8 * j.xsum[row]));
-        const __m256 sc = _mm256_mul_ps(ws, _mm256_set1_ps(j.xs[row]));
-        float* a = acc + static_cast<size_t>(m) * kRows;  // no FMA below: the reference rounds twice too
-        _mm256_storeu_ps(a, _mm256_add_ps(_mm256_loadu_ps(a), _mm256_mul_ps(_mm256_cvtepi32_ps(dot), sc)));
-      }
-    }
-    for (int i = 0; i < j.active; ++i) {
-      const int m = j.rows[i];
-      std::memcpy(j.y + static_cast<size_t>(m) * j.N + g * kRows, acc + static_cast<size_t>(m) * kRows, sizeof(float) * kRows);
+      for (int i = 0; i < tile; ++i) _mm256_storeu_ps(j.y + static_cast<size_t>(rows[i]) * j.N + g * kRows, acc[i]);
     }
   }
 }
@@ -169,8 +141,9 @@ void q4_linear_out(KernelRuntimeContext& ctx, Span<EValue*> stack) {
   ET_KERNEL_CHECK_MSG(ctx, x.scalar_type() == ScalarType::Float && w.scalar_type() == ScalarType::Byte &&
                                s.scalar_type() == ScalarType::Half && out.scalar_type() == ScalarType::Float,
                       InvalidArgument, , "q4_linear: expected float x, uint8 qweight, half scales, float out");
-  ET_KERNEL_CHECK_MSG(ctx, w.dim() == 4 && w.size(2) == kRows && w.size(3) == 16, InvalidArgument, ,
-                      "q4_linear: qweight must be [N/8, K/32, 8, 16]");
+  ET_KERNEL_CHECK_MSG(ctx, w.dim() == 3 && w.size(2) == kBlockBytes, InvalidArgument, ,
+                      "q4_linear: qweight must be [N/8, K/32, 128] (a program built by an older et_transformers: "
+                      "export it again)");
   const int N = static_cast<int>(w.size(0) * kRows);
   const int K = static_cast<int>(w.size(1) * kBlock);
   ET_KERNEL_CHECK_MSG(ctx, x.dim() >= 1 && x.size(x.dim() - 1) == K, InvalidArgument, ,
