@@ -84,6 +84,10 @@ LOGITS_MODES: tuple[str, ...] = ("last", "all")
 #: tokens after the last accepted one). 1 (the last position only) until the cost of the wider
 #: head on every decode step is measured: assisted generation asks for a program built with more.
 DEFAULT_VERIFY_TOKENS = 1
+#: The default for programs built with our kernels: their GEMM skips the head's all-zero padding rows,
+#: so a decode step costs what it would with 1 (measured in the README), and prompt lookup and draft
+#: models work on the default program, exactly (its rows compute alike in decode and verify calls).
+OWN_KERNELS_VERIFY_TOKENS = 8
 
 #: Largest ``verify_tokens``: past it the logits output alone grows to megabytes per call.
 MAX_VERIFY_TOKENS = 64
@@ -198,7 +202,8 @@ class ExportConfig:
             ``verify_tokens`` positions (``[1, k, vocab]``, padding rows when ``S < k``), so assisted generation
             verifies ``k - 1`` drafted tokens in one call; ``1`` builds the ``[1, vocab]`` program
             of earlier versions. The head then computes ``k`` rows on every call, decode steps
-            included. Defaults (:data:`AUTO`) to :data:`DEFAULT_VERIFY_TOKENS`; setting
+            included. Defaults (:data:`AUTO`) to :data:`DEFAULT_VERIFY_TOKENS`
+            (:data:`OWN_KERNELS_VERIFY_TOKENS` for the ``q4_0`` scheme); setting
             it with ``logits="all"`` raises (every position is returned already).
 
     Raises:
@@ -284,7 +289,7 @@ class ExportConfig:
             object.__setattr__(self, "verify_tokens", None)
             return
         if k == AUTO:
-            k = DEFAULT_VERIFY_TOKENS
+            k = OWN_KERNELS_VERIFY_TOKENS if self.uses_own_kernels else DEFAULT_VERIFY_TOKENS
         if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= MAX_VERIFY_TOKENS:
             raise InvalidConfigError(
                 f"verify_tokens={k!r} is not valid: it must be an integer from 1 to {MAX_VERIFY_TOKENS} "

@@ -237,6 +237,7 @@ class Program:
             raise ProgramError(f"{self.path} is not a loadable ExecuTorch program ({e}).") from e
         if "forward" not in self.method_names:
             raise ProgramError(f"{self.path} has no 'forward' method (methods: {list(self.method_names)}).")
+        self._check_kernel_abi()
         self.metadata = self._read_metadata()
         #: ``forward`` executions so far: a caller that keeps state in the KV cache between calls
         #: (a chat session) compares it to know whether anyone else has run the program since.
@@ -247,6 +248,21 @@ class Program:
         # decode()'s inputs, refilled each step: token [1, 1] and cache position [1] (int64)
         self._step_inputs = (torch.zeros(1, 1, dtype=torch.long), torch.zeros(1, dtype=torch.long))
         warn_if_contended()
+
+    def _check_kernel_abi(self) -> None:
+        """A program built for another version of our kernels (their weight layout) must not run."""
+        if not needs_own_kernels(self.path):
+            return
+        from . import kernels
+
+        name = "get_et_transformers_kernels_abi"
+        built_for = int(self._constant(name)) if name in self.method_names else 1  # before it was recorded
+        if built_for != kernels.ABI:
+            raise ProgramError(
+                f"{self.path} was built for version {built_for} of et_transformers' kernels, and this "
+                f"installation's are version {kernels.ABI} (another weight layout): export it again "
+                f"(from_pretrained(..., force_export=True), or a new cache folder)."
+            )
 
     def _constant(self, name: str):
         outputs = self._module.run_method(name, ())

@@ -103,7 +103,8 @@ def test_unloadable_kernels_raise_a_clear_error(linear_program, monkeypatch):
 
 @pytest.fixture(scope="module")
 def q4_export(tiny_llama_dir, tmp_path_factory):
-    exporter = Exporter.from_pretrained(tiny_llama_dir, ExportConfig(max_seq_len=64, qlinear="q4_0", logits="all"))
+    exporter = Exporter.from_pretrained(tiny_llama_dir, ExportConfig(max_seq_len=64, qlinear="q4_0"))
+    assert exporter.export_config.verify_tokens == 8  # the q4_0 default: verifying costs decode nothing
     exporter.pte = exporter.run(tmp_path_factory.mktemp("tiny-q4"))
     return exporter
 
@@ -121,11 +122,12 @@ def test_q4_program_equals_its_eager_model(q4_export, tiny_llama_model):
     program = Program(q4_export.pte)
     with torch.no_grad():
         expected = eager(PROMPT, torch.arange(PROMPT.shape[1]))
-    got = program.forward_all(PROMPT, 0)
+    got = program._run(PROMPT, 0)  # the last 8 positions
+    assert got.shape == expected.shape == (1, 8, 256)
     torch.testing.assert_close(got, expected, atol=1e-4, rtol=0)
     with torch.no_grad():
         float_logits = tiny_llama_model(PROMPT).logits
-    assert (got - float_logits).abs().max() > 1e-3, "the weights were not quantized"
+    assert (got - float_logits[:, -8:]).abs().max() > 1e-3, "the weights were not quantized"
     operators = {f"{op.name}.{op.overload}" for op in q4_export.executorch_program.executorch_program.execution_plan[0].operators}
     ours = {f"et_transformers::{name}.out" for name in ("q4_linear", "sdpa", "rms_norm", "rope", "silu_mul")}
     assert ours <= operators
@@ -158,15 +160,38 @@ def test_q4_scales_are_searched_against_the_inputs():
     assert searched.sum() < uniform.sum()
 
 
+def test_a_program_built_for_other_kernels_is_refused(q4_export, monkeypatch):
+    from et_transformers import kernels
+
+    monkeypatch.setattr(kernels, "ABI", kernels.ABI + 1)
+    with pytest.raises(ProgramError, match=rf"built for version {kernels.ABI - 1} .* are version {kernels.ABI} .*export it again"):
+        Program(q4_export.pte)
+
+
 def test_q4_decode_step_scores_a_token_as_a_longer_forward_does(q4_export):
-    """One token decoded at position p gets the logits a multi-token forward gives position p: the
-    kernel computes every row alike, so verifying a draft scores it as plain decoding would."""
+    """One token decoded at position p gets, bit for bit, the logits a multi-token forward gives
+    position p: every kernel computes each row alike, so verifying a draft scores it exactly as
+    plain decoding would."""
     program = Program(q4_export.pte)
-    together = program.forward_all(PROMPT, 0)
-    program.forward_all(PROMPT[:, :-3], 0)
+    together = program._run(PROMPT, 0)[0]  # positions 1 .. 8
+    program.forward(PROMPT[:, :-3], 0)
     for i in range(PROMPT.shape[1] - 3, PROMPT.shape[1]):
-        step = program.forward_all(PROMPT[:, i : i + 1], i)
-        assert torch.equal(step[0, -1], together[0, i]), float((step[0, -1] - together[0, i]).abs().max())
+        step = program.decode(int(PROMPT[0, i]), i)
+        assert torch.equal(step[0], together[i - 1]), float((step[0] - together[i - 1]).abs().max())
+
+
+def test_assisted_greedy_on_a_q4_program_is_plain_greedy(q4_export):
+    """Exact on a quantized program: prompt lookup and a draft model keep plain greedy's tokens."""
+    from et_transformers import ETModelForCausalLM
+
+    target = ETModelForCausalLM.from_pretrained(q4_export.pte.parent)
+    prompt = torch.tensor([[5, 6, 7, 8, 9, 10, 5, 6, 7, 8, 9, 10, 5, 6]])
+    plain = target.generate(prompt, max_new_tokens=40, do_sample=False)
+    looked_up = target.generate(prompt, max_new_tokens=40, do_sample=False, prompt_lookup_num_tokens=5)
+    assert torch.equal(looked_up, plain) and target.stats.drafted_tokens > 0
+    drafted = target.generate(prompt, max_new_tokens=40, do_sample=False,
+                              assistant_model=ETModelForCausalLM.from_pretrained(q4_export.pte.parent))
+    assert torch.equal(drafted, plain) and target.stats.accepted_tokens == target.stats.drafted_tokens > 0
 
 
 def test_q4_mixed_precision_and_bad_configs(tiny_llama_model):

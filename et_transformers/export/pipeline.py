@@ -283,6 +283,10 @@ class Exporter:
         extra = {} if rebuild is None else {"get_cache_rebuild_len": rebuild}
         if (self.export_config.verify_tokens or 1) > 1:  # ours: how many trailing positions forward returns
             extra["get_verify_tokens"] = self.export_config.verify_tokens
+        if self.export_config.uses_own_kernels:  # ours: the kernels' contract the program is built for
+            from ..kernels import ABI
+
+            extra["get_et_transformers_kernels_abi"] = ABI
         return {
             "get_max_seq_len": self.export_config.max_seq_len,
             "get_max_context_len": self.export_config.max_seq_len,

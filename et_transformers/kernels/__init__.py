@@ -37,6 +37,10 @@ OPERATORS = (
     "et_transformers::rope.out",
     "et_transformers::silu_mul.out",
 )
+#: Version of the operators' contract (weight layout included) the library implements; programs
+#: record the one they were built for (``get_et_transformers_kernels_abi``) and refuse to run on
+#: another. 2: q4 weights as [N/8, K/32, 128] lane-interleaved blocks; rms_norm, rope, silu_mul.
+ABI = 2
 _FLAGS = ("-O3", "-mavx2", "-mfma", "-mf16c", "-ffp-contract=off", "-std=c++17", "-fPIC", "-shared", "-DC10_USING_CUSTOM_GENERATED_MACROS",
           "-DET_EVENT_TRACER_ENABLED")  # the two definitions the wheel's libraries are built with (its cmake config)
 
