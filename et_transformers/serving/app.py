@@ -277,7 +277,8 @@ def create_app(models: list, *, model_id: str, api_key: str | None = None, max_q
         """A chat reply through the model's chat template; streamed with ``stream: true``."""
         check_model(body.model)
         check_supported(body)
-        fmt, response_format = tool_plan(body, tokenizer, model_type, meta.vocab_size)
+        fmt, response_format = tool_plan(body, tokenizer, model_type, meta.vocab_size,
+                                         eos_token_id=models[0].generation_config.eos_token_id)
         ids = chat_prompt(tokenizer, body, model_type)
         options = options_for(body, ids)
         if response_format is not None:
