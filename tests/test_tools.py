@@ -176,6 +176,17 @@ def test_json_schema_response_format_whole_and_streamed(client):
         assert isinstance(json.loads(content), dict)
 
 
+def test_streamed_tool_call_deltas_leave_out_what_they_do_not_add():
+    """OpenAI's shape: the first delta of a call has id, type and name; the next ones only arguments."""
+    from et_transformers.serving.schemas import ToolCallDelta
+
+    first = ToolCallDelta(index=1, id="call_x", type="function", function={"name": "get_time", "arguments": ""})
+    more = ToolCallDelta(index=1, function={"arguments": '{"zone": "UTC"}'})
+    assert json.loads(first.model_dump_json()) == {"index": 1, "id": "call_x", "type": "function",
+                                                   "function": {"name": "get_time", "arguments": ""}}
+    assert json.loads(more.model_dump_json()) == {"index": 1, "function": {"arguments": '{"zone": "UTC"}'}}
+
+
 def test_tool_choice_semantics():
     """none: nothing parsed or forced; auto: parsed, forced only to a call or the response_format;
     required: a call of any tool; a named function: that one only; an unknown name: a 400 naming it."""

@@ -314,6 +314,8 @@ def create_app(models: list, *, model_id: str, api_key: str | None = None, max_q
             def deltas(events, r=None):
                 """Chunks of splitter events: content as is, each call as a header then its arguments."""
                 text = "".join(e for kind, e in events if kind == "content")
+                if (called or any(kind == "call" for kind, _ in events)) and not text.strip():
+                    text = ""  # the newlines around calls: a whole reply's content drops them too (parse)
                 if text or (r is not None and body.logprobs):
                     yield chunk(Delta(content=text), logprobs=logprobs(r) if r is not None else None)
                 for kind, call in events:

@@ -13,7 +13,7 @@ from __future__ import annotations
 import time
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_serializer, model_validator
 
 # -- requests ------------------------------------------------------------------------------------
 
@@ -335,14 +335,24 @@ class ChatCompletion(_Response):
     usage: Usage
 
 
-class FunctionDelta(BaseModel):
+class _OmitNone(BaseModel):
+    """Serialized without its unset (None) fields: OpenAI's tool-call deltas leave out what a chunk
+    does not add (``{"index": 0, "function": {"arguments": "..."}}``), and clients that append each
+    delta's ``name`` to the call's would append ``null``."""
+
+    @model_serializer(mode="wrap")
+    def _omit_none(self, handler):
+        return {k: v for k, v in handler(self).items() if v is not None}
+
+
+class FunctionDelta(_OmitNone):
     """What a chunk adds to a streamed tool call's function."""
 
     name: str | None = None
     arguments: str | None = None
 
 
-class ToolCallDelta(BaseModel):
+class ToolCallDelta(_OmitNone):
     """What a chunk adds to the reply's ``index``-th tool call (its first chunk carries id and name)."""
 
     index: int
