@@ -97,6 +97,10 @@ def test_render_uses_a_template_that_renders_tools_and_explains_them_to_one_that
     assert '<|im_start|>assistant\n<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris", "unit": "C"}}' \
         in explained and "<|im_start|>user\nThe get_weather tool returned: 21 C, sunny<|im_end|>" in explained
     assert tools.tool_format_for(plain, "qwen2") is HERMES  # it was told the hermes format
+    # A result whose call is not in the conversation is named by its message's ``name``.
+    orphan = [{"role": "user", "content": "Time?"}, {"role": "tool", "tool_call_id": "c9", "name": "get_time",
+                                                     "content": "noon"}]
+    assert "The get_time tool returned: noon" in plain.decode(tools.render(plain, orphan, TOOLS))
 
 
 #: A Llama-3-like template that renders tools in few tokens: the tiny program's context is 128.

@@ -89,6 +89,8 @@ class ChatMessage(BaseModel):
             out["content"] = self.text() or None
         if self.tool_call_id is not None:
             out["tool_call_id"] = self.tool_call_id
+        if self.name is not None:  # the chat template's to use (most ignore it); a tool result's function
+            out["name"] = self.name
         return out
 
 
