@@ -123,7 +123,8 @@ def grammar_for(response_format) -> str | None:
 
     Args:
         response_format: a JSON schema (dict, or a pydantic model class); or a dict with ``type``:
-            ``"json_schema"`` (OpenAI's: ``{"json_schema": {"name", "schema", "strict"}}``),
+            ``"json_schema"`` (OpenAI's: ``{"json_schema": {"name", "schema", "strict"}}``; the
+            schema is enforced whatever ``strict`` says: ``false`` too),
             ``"json_object"`` (any JSON object), ``"regex"`` (``pattern``), ``"choice"``
             (``choices``: strings), ``"grammar"`` (``grammar`` text, ``syntax`` ``"lark"``
             (default) or ``"gbnf"``), ``"text"`` (no constraint).

@@ -89,7 +89,8 @@ class ToolCall:
 def check_tools(tools) -> list[dict]:
     """OpenAI ``tools`` checked: each ``{"type": "function", "function": {"name", "description"?,
     "parameters"?, "strict"?}}``, names unique and of 1-64 letters, digits, ``_`` or ``-``,
-    parameters a valid JSON schema.
+    parameters a valid JSON schema. ``strict`` is accepted; a forced call's arguments follow the
+    schema whatever it says (``false`` too).
 
     Raises:
         ConstraintError: naming the tool and what is wrong with it.

@@ -52,7 +52,8 @@ class ToolCallParam(BaseModel):
 
 class ChatMessage(BaseModel):
     """One message of a conversation. ``developer`` is OpenAI's newer name for ``system`` and is
-    rendered as a system message by the chat template; ``tool`` carries a tool's result."""
+    rendered as a system message by the chat template; ``tool`` carries a tool's result. ``name``
+    is passed to the chat template (most ignore it)."""
 
     model_config = ConfigDict(extra="forbid")
     role: Literal["system", "developer", "user", "assistant", "tool"]
