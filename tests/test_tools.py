@@ -182,7 +182,7 @@ def test_json_schema_response_format_whole_and_streamed(client):
 
 def test_streamed_tool_call_deltas_leave_out_what_they_do_not_add():
     """OpenAI's shape: the first delta of a call has id, type and name; the next ones only arguments."""
-    from et_transformers.serving.schemas import ToolCallDelta
+    from et_transformers.serving.tool_schemas import ToolCallDelta
 
     first = ToolCallDelta(index=1, id="call_x", type="function", function={"name": "get_time", "arguments": ""})
     more = ToolCallDelta(index=1, function={"arguments": '{"zone": "UTC"}'})

@@ -44,11 +44,10 @@ from .schemas import (
     ModelCard,
     ModelList,
     PromptTokensDetails,
-    ToolCallDelta,
-    ToolCallOut,
     Usage,
 )
 from .slots import Job, QueueFull, SlotPool
+from .tool_schemas import ToolCallDelta, ToolCallOut
 from .translation import (
     FINISH_REASONS,
     chat_prompt,
