@@ -123,7 +123,8 @@ def grammar_for(response_format) -> str | None:
 
     Args:
         response_format: a JSON schema (dict, or a pydantic model class); or a dict with ``type``:
-            ``"json_schema"`` (OpenAI's: ``{"json_schema": {"name", "schema", "strict"}}``),
+            ``"json_schema"`` (OpenAI's: ``{"json_schema": {"name", "schema", "strict"}}``; the
+            schema is enforced whatever ``strict`` says: ``false`` too),
             ``"json_object"`` (any JSON object), ``"regex"`` (``pattern``), ``"choice"``
             (``choices``: strings), ``"grammar"`` (``grammar`` text, ``syntax`` ``"lark"``
             (default) or ``"gbnf"``), ``"text"`` (no constraint).
@@ -220,6 +221,9 @@ class GrammarLogitsProcessor(LogitsProcessor):
             tokenizer's).
         prompt_length: tokens of ``input_ids`` before the generated ones (default: the length of
             the first call's ``input_ids``, as transformers' first processor call shows the prompt).
+        pad_token_id: what a batch feeds a row after it stopped (default: the tokenizer's); a run
+            of it the grammar does not allow at the end of the ids is taken as that padding, not
+            as a token to consume.
 
     Attributes:
         stopping_criteria: a ``StoppingCriteria`` that ends generation when the grammar is complete.
@@ -230,7 +234,7 @@ class GrammarLogitsProcessor(LogitsProcessor):
     """
 
     def __init__(self, response_format, tokenizer, *, vocab_size: int | None = None, eos_token_id=None,
-                 prompt_length: int | None = None):
+                 prompt_length: int | None = None, pad_token_id: int | None = None):
         grammar = grammar_for(response_format)
         if grammar is None:
             raise ConstraintError('response_format {"type": "text"} puts no constraint: pass none instead.')
@@ -244,6 +248,7 @@ class GrammarLogitsProcessor(LogitsProcessor):
         self.matcher = _compile(self.ll_tokenizer, grammar)
         self.eos_ids = eos_ids
         self.prompt_length = prompt_length
+        self.pad_token_id = tokenizer.pad_token_id if pad_token_id is None else int(pad_token_id)
         self._prompt: list[int] | None = None  # the prompt the consumed tokens follow
         self._consumed: list[int] = []
         self._mask = np.zeros((self.vocab_size + 31) // 32, dtype=np.int32)
@@ -306,9 +311,13 @@ class GrammarLogitsProcessor(LogitsProcessor):
         if keep < len(done):
             self.matcher.rollback(len(done) - keep)
             del done[keep:]
-        for token in new[keep:]:
+        for i, token in enumerate(new[keep:], start=keep):
             if self.matcher.is_stopped():
                 break  # complete: whatever follows (end-of-sequence, padding) is past the grammar
+            if token == self.pad_token_id and all(t == token for t in new[i:]) and not self.matcher.validate_tokens([token]):
+                # A row stopped early (a stop string, a length) that its batch runs on with padding,
+                # as transformers does: the padding is past the row's text, not a choice to check.
+                break
             if not self.matcher.consume_token(token):
                 raise ConstraintError(
                     f"token {token} ({self.tokenizer.decode([token])!r}) after {self.ll_tokenizer.decode_str(done)!r} "

@@ -298,9 +298,11 @@ def fit_context(gc: GenerationConfig, mask: torch.Tensor, user: set[str], contex
     gc.max_length = context + padding
 
 
-def constrain(response_format, tokenizer, vocab_size: int, eos, prompt_len: int, processors, criteria) -> None:
+def constrain(response_format, tokenizer, vocab_size: int, eos, pad: int, prompt_len: int, processors,
+              criteria) -> None:
     """Add ``response_format``'s grammar mask first to each row's processors (it sees the program's
-    logits before transformers' processors do) and its completion to the stopping criteria.
+    logits before transformers' processors do) and its completion to the stopping criteria; ``pad``
+    is what a stopped row of a batch is run on with.
 
     Raises:
         TokenizerError: no tokenizer (the grammar is compiled against its vocabulary).
@@ -315,7 +317,7 @@ def constrain(response_format, tokenizer, vocab_size: int, eos, prompt_len: int,
                              "pass tokenizer= to generate().")
     eos_ids = None if eos is None else eos.tolist()
     processor = GrammarLogitsProcessor(response_format, tokenizer, vocab_size=vocab_size, eos_token_id=eos_ids,
-                                       prompt_length=prompt_len)
+                                       prompt_length=prompt_len, pad_token_id=pad)
     for row in processors:
         row.insert(0, processor)
     criteria.append(processor.stopping_criteria)
@@ -373,7 +375,7 @@ def plan(
     processors = [build_logits_processors(gc, eos, prompt_len, mask[b], custom_processors) for b in range(len(mask))]
     custom_criteria = stopping_criteria if stopping_criteria is not None else sc.StoppingCriteriaList()
     criteria = build_stopping_criteria(gc, eos, custom_criteria, tokenizer, max_pos)
-    if response_format is not None:
-        constrain(response_format, tokenizer, vocab_size, eos, prompt_len, processors, criteria)
     pad_id = int(pad) if pad is not None else 0
+    if response_format is not None:
+        constrain(response_format, tokenizer, vocab_size, eos, pad_id, prompt_len, processors, criteria)
     return GenerationPlan(input_ids, mask, gc, processors, criteria, pad_id, assistant, rng)

@@ -89,7 +89,8 @@ class ToolCall:
 def check_tools(tools) -> list[dict]:
     """OpenAI ``tools`` checked: each ``{"type": "function", "function": {"name", "description"?,
     "parameters"?, "strict"?}}``, names unique and of 1-64 letters, digits, ``_`` or ``-``,
-    parameters a valid JSON schema.
+    parameters a valid JSON schema. ``strict`` is accepted; a forced call's arguments follow the
+    schema whatever it says (``false`` too).
 
     Raises:
         ConstraintError: naming the tool and what is wrong with it.
@@ -171,8 +172,9 @@ def render(tokenizer, messages: list[dict], tools: list[dict] | None = None, *, 
         if m.get("role") == "assistant" and m.get("tool_calls"):
             calls = [_arguments(c) for c in m["tool_calls"]]
             names.update((c.get("id"), n) for c, (n, _) in zip(m["tool_calls"], calls))
-            if native:
-                m["tool_calls"] = [{"type": "function", "function": {"name": n, "arguments": a}} for n, a in calls]
+            if native:  # ids kept: some templates (Mistral's) write them
+                m["tool_calls"] = [{**({"id": c["id"]} if c.get("id") else {}), "type": "function",
+                                    "function": {"name": n, "arguments": a}} for c, (n, a) in zip(m["tool_calls"], calls)]
                 m["content"] = m.get("content") or ""
             else:
                 m["content"] = "\n".join(filter(None, [m.get("content")] + [_call_text(fmt, n, a) for n, a in calls]))
@@ -180,7 +182,7 @@ def render(tokenizer, messages: list[dict], tools: list[dict] | None = None, *, 
         elif m.get("role") == "tool" and not native:
             # Plain words, not Hermes' <tool_response> tags: a model that was never taught tools
             # answers from "X returned: ..." and tends to echo the tags back (SmolLM2-135M does).
-            name = names.get(m.get("tool_call_id"), "the")
+            name = names.get(m.get("tool_call_id")) or m.get("name") or "the"
             m = {"role": "user", "content": f"The {name} tool returned: {m.get('content') or ''}"}
         if m.get("content") is None:
             m["content"] = ""

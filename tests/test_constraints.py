@@ -142,6 +142,21 @@ def test_chat_session_batches_and_a_processor_built_by_hand(model, json_tok):
                              response_format=FORMATS["regex"][0], max_new_tokens=12, do_sample=False)
         assert json_tok.decode(out[b, batch.input_ids.shape[1]:], skip_special_tokens=True) == \
             new_text(model, row, row[:, : batch.attention_mask[b].sum()])
+    # A row stopped early is run on with padding while the batch goes on (kept scores need those
+    # steps, as in transformers): the padding is past the row's text, not a token the grammar refuses.
+    from transformers import StoppingCriteria
+
+    class StopFirstRowAfterOne(StoppingCriteria):
+        def __call__(self, input_ids, scores, **kwargs):
+            first = input_ids[0, : batch.input_ids.shape[1]].tolist() == batch.input_ids[0].tolist()
+            return torch.tensor([first and input_ids.shape[1] > batch.input_ids.shape[1]])
+
+    cut = model.generate(**batch, response_format=FORMATS["regex"][0], max_new_tokens=12, do_sample=False,
+                         stopping_criteria=[StopFirstRowAfterOne()], return_dict_in_generate=True, output_scores=True)
+    new = batch.input_ids.shape[1]
+    steps = cut.sequences.shape[1] - new
+    assert steps > 2 and len(cut.scores) == steps and cut.sequences[0, new + 1:].eq(json_tok.pad_token_id).all()
+    assert cut.sequences[1].tolist() == out[1, : new + steps].tolist()
     # Built by hand and passed as a plain processor: no completion criterion, so the mask forces the end.
     processor = GrammarLogitsProcessor(FORMATS["choice"][0], json_tok, vocab_size=tiny.VOCAB_SIZE)
     ids = ids_of(json_tok)

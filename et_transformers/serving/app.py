@@ -44,11 +44,10 @@ from .schemas import (
     ModelCard,
     ModelList,
     PromptTokensDetails,
-    ToolCallDelta,
-    ToolCallOut,
     Usage,
 )
 from .slots import Job, QueueFull, SlotPool
+from .tool_schemas import ToolCallDelta, ToolCallOut
 from .translation import (
     FINISH_REASONS,
     chat_prompt,
@@ -277,7 +276,8 @@ def create_app(models: list, *, model_id: str, api_key: str | None = None, max_q
         """A chat reply through the model's chat template; streamed with ``stream: true``."""
         check_model(body.model)
         check_supported(body)
-        fmt, response_format = tool_plan(body, tokenizer, model_type, meta.vocab_size)
+        fmt, response_format = tool_plan(body, tokenizer, model_type, meta.vocab_size,
+                                         eos_token_id=models[0].generation_config.eos_token_id)
         ids = chat_prompt(tokenizer, body, model_type)
         options = options_for(body, ids)
         if response_format is not None:
@@ -313,6 +313,8 @@ def create_app(models: list, *, model_id: str, api_key: str | None = None, max_q
             def deltas(events, r=None):
                 """Chunks of splitter events: content as is, each call as a header then its arguments."""
                 text = "".join(e for kind, e in events if kind == "content")
+                if (called or any(kind == "call" for kind, _ in events)) and not text.strip():
+                    text = ""  # the newlines around calls: a whole reply's content drops them too (parse)
                 if text or (r is not None and body.logprobs):
                     yield chunk(Delta(content=text), logprobs=logprobs(r) if r is not None else None)
                 for kind, call in events:

@@ -15,6 +15,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from .tool_schemas import NamedToolChoice, Tool, ToolCallDelta, ToolCallOut, ToolCallParam
+
 # -- requests ------------------------------------------------------------------------------------
 
 
@@ -33,26 +35,10 @@ class TextPart(BaseModel):
     text: str
 
 
-class FunctionCall(BaseModel):
-    """A function call in an assistant message: the name and the arguments as a JSON string."""
-
-    model_config = ConfigDict(extra="forbid")
-    name: str
-    arguments: str
-
-
-class ToolCallParam(BaseModel):
-    """A tool call the assistant made earlier in the conversation."""
-
-    model_config = ConfigDict(extra="forbid")
-    id: str
-    type: Literal["function"] = "function"
-    function: FunctionCall
-
-
 class ChatMessage(BaseModel):
     """One message of a conversation. ``developer`` is OpenAI's newer name for ``system`` and is
-    rendered as a system message by the chat template; ``tool`` carries a tool's result."""
+    rendered as a system message by the chat template; ``tool`` carries a tool's result. ``name``
+    is passed to the chat template (most ignore it)."""
 
     model_config = ConfigDict(extra="forbid")
     role: Literal["system", "developer", "user", "assistant", "tool"]
@@ -89,40 +75,9 @@ class ChatMessage(BaseModel):
             out["content"] = self.text() or None
         if self.tool_call_id is not None:
             out["tool_call_id"] = self.tool_call_id
+        if self.name is not None:  # the chat template's to use (most ignore it); a tool result's function
+            out["name"] = self.name
         return out
-
-
-class FunctionDef(BaseModel):
-    """A function the model may call: its name, description and parameters' JSON schema."""
-
-    model_config = ConfigDict(extra="forbid")
-    name: str
-    description: str | None = None
-    parameters: dict[str, Any] | None = None
-    strict: bool | None = None
-
-
-class Tool(BaseModel):
-    """An entry of ``tools``."""
-
-    model_config = ConfigDict(extra="forbid")
-    type: Literal["function"]
-    function: FunctionDef
-
-
-class NamedFunction(BaseModel):
-    """The function a named ``tool_choice`` forces."""
-
-    model_config = ConfigDict(extra="forbid")
-    name: str
-
-
-class NamedToolChoice(BaseModel):
-    """``tool_choice: {"type": "function", "function": {"name": ...}}``."""
-
-    model_config = ConfigDict(extra="forbid")
-    type: Literal["function"]
-    function: NamedFunction
 
 
 #: OpenAI request fields the server does not implement, with the values that mean "not used"
@@ -280,21 +235,6 @@ class CompletionLogprobs(BaseModel):
     text_offset: list[int]
 
 
-class FunctionCallOut(BaseModel):
-    """The function a reply calls, with its arguments as a JSON string."""
-
-    name: str
-    arguments: str
-
-
-class ToolCallOut(BaseModel):
-    """A tool call of a reply."""
-
-    id: str
-    type: Literal["function"] = "function"
-    function: FunctionCallOut
-
-
 class AssistantMessage(BaseModel):
     """The reply of a chat completion (``content`` is null when the reply is only tool calls)."""
 
@@ -333,22 +273,6 @@ class ChatCompletion(_Response):
     object: Literal["chat.completion"] = "chat.completion"
     choices: list[ChatChoice]
     usage: Usage
-
-
-class FunctionDelta(BaseModel):
-    """What a chunk adds to a streamed tool call's function."""
-
-    name: str | None = None
-    arguments: str | None = None
-
-
-class ToolCallDelta(BaseModel):
-    """What a chunk adds to the reply's ``index``-th tool call (its first chunk carries id and name)."""
-
-    index: int
-    id: str | None = None
-    type: Literal["function"] | None = None
-    function: FunctionDelta
 
 
 class Delta(BaseModel):

@@ -95,13 +95,19 @@ def chat_prompt(tokenizer, request: ChatCompletionRequest, model_type: str | Non
         raise APIError(400, str(e), param="tools") from e
 
 
-def tool_plan(request: ChatCompletionRequest, tokenizer, model_type: str | None, vocab_size: int):
+def tool_plan(request: ChatCompletionRequest, tokenizer, model_type: str | None, vocab_size: int, eos_token_id=None):
     """``(format to parse the reply's tool calls with or None, response_format for generate() or None)``.
 
     ``tool_choice`` ``"required"`` or a named function constrains the reply to calls (each tool's
     arguments to its schema); ``"auto"`` (the default with tools) lets the model choose, and the
     reply is parsed for calls (a ``response_format`` then constrains the reply to a call or that
-    JSON); ``"none"`` parses nothing. Everything is compiled here, before the request waits for a slot.
+    JSON); ``"none"`` parses nothing. A forced call replaces ``response_format`` (the reply is
+    calls, no content). ``parallel_tool_calls: false`` holds where the reply is constrained
+    (``required``, a named function, ``auto`` with a ``response_format``); under plain ``auto`` the
+    model may still write several calls, and all are returned. Tools' ``strict: false`` (and
+    ``json_schema.strict: false``) is enforced anyway. Everything is compiled here, against the
+    vocabulary and ``eos_token_id`` (the model's) that generation uses, before the request waits
+    for a slot.
 
     Raises:
         APIError: an invalid or uncompilable ``response_format``, ``tools`` or ``tool_choice`` (400).
@@ -131,13 +137,15 @@ def tool_plan(request: ChatCompletionRequest, tokenizer, model_type: str | None,
             fmt = tool_calls.tool_format_for(tokenizer, model_type)
             name = choice.function.name if not isinstance(choice, str) else None
             if choice != "auto":
-                rf, param = tool_calls.call_format(tools, fmt, name=name,
-                                                   parallel=name is None and request.parallel_tool_calls is not False), "tool_choice"
+                param = "tool_choice"  # set first: call_format's own errors (an unknown name) are tool_choice's
+                rf = tool_calls.call_format(tools, fmt, name=name,
+                                            parallel=name is None and request.parallel_tool_calls is not False)
             elif rf is not None:
-                rf, param = tool_calls.call_format(tools, fmt, parallel=request.parallel_tool_calls is not False,
-                                                   or_response_format=rf), "response_format"
+                rf = tool_calls.call_format(tools, fmt, parallel=request.parallel_tool_calls is not False,
+                                            or_response_format=rf)
         if rf is not None:
-            GrammarLogitsProcessor(rf, tokenizer, vocab_size=vocab_size)  # compiles now: errors are 400s
+            # Compiles now (errors are 400s); the same eos ids as generation's, so its compile is a cache hit.
+            GrammarLogitsProcessor(rf, tokenizer, vocab_size=vocab_size, eos_token_id=eos_token_id)
     except ConstraintError as e:
         raise APIError(400, f"{param}: {e}", param=param, code="invalid_" + param) from e
     return fmt, rf
