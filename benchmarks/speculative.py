@@ -87,7 +87,7 @@ def main() -> None:
     cache = args.cache_dir or Path(tempfile.mkdtemp(prefix="et-spec-"))
     from et_transformers.config import DEFAULT_RECIPE, recipe
 
-    base = ETModelForCausalLM.from_pretrained(folder, cache_dir=cache)
+    base = ETModelForCausalLM.from_pretrained(folder, export_config=recipe(DEFAULT_RECIPE, verify_tokens=1), cache_dir=cache)
     model = ETModelForCausalLM.from_pretrained(
         folder, export_config=recipe(DEFAULT_RECIPE, verify_tokens=8), cache_dir=cache
     )
@@ -130,7 +130,7 @@ def main() -> None:
                         first = int((out[0, :n] != plain_out[0, :n]).nonzero()[0]) - ids.shape[-1]
                         diverged.setdefault((kind, name), []).append(first)
     commit = _commit()
-    print(f"SmolLM2-135M-Instruct, default recipe (and with verify_tokens=8) exported by {commit} into {cache}; greedy, "
+    print(f"SmolLM2-135M-Instruct, default recipe {DEFAULT_RECIPE} with verify_tokens=1 and 8, exported by {commit} into {cache}; greedy, "
           f"{args.new_tokens} new tokens, {args.runs} interleaved rounds; medians of new tokens/s per call.")
     for (kind, name), where in sorted(diverged.items()):
         print(f"{kind} / {name}: {len(where)} outputs differ from plain greedy on the verifying program, "

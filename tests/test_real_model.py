@@ -114,6 +114,22 @@ def test_cpp_runner_generates_the_same_greedy_tokens(demo_model):
     assert "".join(pieces) == tok.decode(out[0, ids.shape[1]:])
 
 
+def test_prompt_lookup_on_the_default_program_is_plain_greedy_token_for_token(demo_model):
+    """The default recipe's program verifies drafts (our kernels compute each row alike in one- and
+    multi-row calls), so assisted greedy output is plain greedy output, on a quantized program."""
+    if not demo_model.export_config.uses_own_kernels:
+        pytest.skip("the default recipe here is an XNNPACK one (our kernels cannot run on this machine)")
+    tok = demo_model.tokenizer
+    passage = ("The library opens at nine, closes at six, and lends up to five books for three weeks. "
+               "Members may renew a loan twice online.")
+    ids = tok.apply_chat_template([{"role": "user", "content": f"Repeat this text exactly: {passage}"}],
+                                  add_generation_prompt=True, return_tensors="pt", return_dict=True)["input_ids"]
+    plain = demo_model.generate(ids, max_new_tokens=48, do_sample=False)
+    looked_up = demo_model.generate(ids, max_new_tokens=48, do_sample=False, prompt_lookup_num_tokens=7)
+    assert torch.equal(looked_up, plain)
+    assert demo_model.stats.accepted_tokens > 0
+
+
 def test_served_over_the_openai_api_it_answers_as_generate_does_and_caches_the_first_turn(demo_model):
     """The demo model behind ``et-transformers serve``'s app (one slot: this model object), driven by
     the official openai client: greedy replies equal generate()'s, whole and streamed; a second
