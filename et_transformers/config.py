@@ -203,7 +203,7 @@ class ExportConfig:
             verifies ``k - 1`` drafted tokens in one call; ``1`` builds the ``[1, vocab]`` program
             of earlier versions. The head then computes ``k`` rows on every call, decode steps
             included. Defaults (:data:`AUTO`) to :data:`DEFAULT_VERIFY_TOKENS`
-            (:data:`OWN_KERNELS_VERIFY_TOKENS` for the ``q4_0`` scheme); setting
+            (:data:`OWN_KERNELS_VERIFY_TOKENS` when the head is ``q4_0``); setting
             it with ``logits="all"`` raises (every position is returned already).
 
     Raises:
@@ -289,7 +289,8 @@ class ExportConfig:
             object.__setattr__(self, "verify_tokens", None)
             return
         if k == AUTO:
-            k = OWN_KERNELS_VERIFY_TOKENS if self.uses_own_kernels else DEFAULT_VERIFY_TOKENS
+            # the padding rows are free only in our kernel's head (an XNNPACK head computes all k)
+            k = OWN_KERNELS_VERIFY_TOKENS if self.head_scheme in OWN_KERNEL_SCHEMES else DEFAULT_VERIFY_TOKENS
         if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= MAX_VERIFY_TOKENS:
             raise InvalidConfigError(
                 f"verify_tokens={k!r} is not valid: it must be an integer from 1 to {MAX_VERIFY_TOKENS} "
