@@ -81,13 +81,10 @@ LOGITS_MODES: tuple[str, ...] = ("last", "all")
 
 #: Default of :attr:`ExportConfig.verify_tokens`: how many trailing positions' logits ``forward``
 #: returns, so one call scores a whole draft of assisted generation (``verify_tokens - 1`` drafted
-#: tokens after the last accepted one). 1 (the last position only) until the cost of the wider
-#: head on every decode step is measured: assisted generation asks for a program built with more.
+#: tokens after the last accepted one). 1 (the last position only): a wider head costs every decode
+#: step something (measured on q4_0 programs, whose kernel skips the padding rows, at 5-14% in
+#: benchmarks/speculative.py), and prompt lookup does not pay for it on the demo model's prompts.
 DEFAULT_VERIFY_TOKENS = 1
-#: The default for programs built with our kernels: their GEMM skips the head's all-zero padding rows,
-#: so a decode step costs what it would with 1 (measured in the README), and prompt lookup and draft
-#: models work on the default program, exactly (its rows compute alike in decode and verify calls).
-OWN_KERNELS_VERIFY_TOKENS = 8
 
 #: Largest ``verify_tokens``: past it the logits output alone grows to megabytes per call.
 MAX_VERIFY_TOKENS = 64
@@ -202,8 +199,7 @@ class ExportConfig:
             ``verify_tokens`` positions (``[1, k, vocab]``, padding rows when ``S < k``), so assisted generation
             verifies ``k - 1`` drafted tokens in one call; ``1`` builds the ``[1, vocab]`` program
             of earlier versions. The head then computes ``k`` rows on every call, decode steps
-            included. Defaults (:data:`AUTO`) to :data:`DEFAULT_VERIFY_TOKENS`
-            (:data:`OWN_KERNELS_VERIFY_TOKENS` when the head is ``q4_0``); setting
+            included. Defaults (:data:`AUTO`) to :data:`DEFAULT_VERIFY_TOKENS`; setting
             it with ``logits="all"`` raises (every position is returned already).
 
     Raises:
@@ -289,8 +285,7 @@ class ExportConfig:
             object.__setattr__(self, "verify_tokens", None)
             return
         if k == AUTO:
-            # the padding rows are free only in our kernel's head (an XNNPACK head computes all k)
-            k = OWN_KERNELS_VERIFY_TOKENS if self.head_scheme in OWN_KERNEL_SCHEMES else DEFAULT_VERIFY_TOKENS
+            k = DEFAULT_VERIFY_TOKENS
         if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= MAX_VERIFY_TOKENS:
             raise InvalidConfigError(
                 f"verify_tokens={k!r} is not valid: it must be an integer from 1 to {MAX_VERIFY_TOKENS} "

