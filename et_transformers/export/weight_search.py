@@ -86,9 +86,7 @@ def input_importance(module: nn.Module, ids: torch.Tensor) -> dict[str, torch.Te
             module.all_logits = all_logits
         for hook in hooks:
             hook.remove()
-        for name, buf in module.named_buffers():
-            if "_cache_" in name or "_scales_" in name or "_zeros_" in name:
-                buf.zero_() if "_scales_" not in name else buf.fill_(1.0)
+        module.reset_kv_cache()
     return {name: sums[name] / counts[name] for name in sums}
 
 

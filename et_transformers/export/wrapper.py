@@ -169,13 +169,19 @@ class ExportableCausalLM(nn.Module):
                 stack.enter_context(rope.swap_rotate_half(self.model, rope.matmul_rotate_half(self, self.head_dims)))
             yield
 
+    def _kv_buffers(self):
+        """``(name, buffer)`` of the key/value buffers and their quantization parameters."""
+        return [(n, b) for n, b in self.named_buffers(recurse=False) if n.split("_")[1] in ("cache", "scales", "zeros")]
+
     def kv_cache_bytes(self) -> int:
         """Bytes of all key/value buffers (and their quantization parameters)."""
-        return sum(
-            b.numel() * b.element_size()
-            for n, b in self.named_buffers()
-            if n.split("_")[1] in ("cache", "scales", "zeros")
-        )
+        return sum(b.numel() * b.element_size() for _, b in self._kv_buffers())
+
+    def reset_kv_cache(self) -> None:
+        """Put the key/value buffers back in their initial state (after an eager run, e.g. calibration)."""
+        with torch.no_grad():
+            for name, buf in self._kv_buffers():
+                buf.fill_(1.0) if name.split("_")[1] == "scales" else buf.zero_()
 
     def _cache(self) -> StaticKVCache:
         layers: list[LayerKV | None] = [None] * (max(self.layer_ids) + 1)
