@@ -6,6 +6,7 @@ loaded fails with a clear error."""
 from __future__ import annotations
 
 import copy
+import os
 
 import pytest
 import torch
@@ -83,6 +84,35 @@ def test_kernel_equals_reference_bit_for_bit(linear_program, rows):
     # each row is computed as it would be alone
     alone = runtime.forward((x[:, -1:].contiguous(),))[0]
     assert torch.equal(alone[0, 0], got[0][0, -1])
+
+
+def test_avx2_path_equals_reference_bit_for_bit(linear_program, tmp_path):
+    """Where the CPU has AVX-512 VNNI the kernel takes that path; the AVX2 one (every other x86-64
+    CPU's) must give the same bits. ``ET_TRANSFORMERS_NO_VNNI`` forces it, in a fresh process since
+    the choice is made when the library loads."""
+    import subprocess
+    import sys
+
+    _, module, path = linear_program
+    x = torch.randn(1, 37, 96) * torch.logspace(-3, 3, 37).view(1, 37, 1)
+    x[0, 2] = 0
+    torch.save(x, tmp_path / "x.pt")
+    script = (
+        "import sys, torch\n"
+        "from et_transformers.runtime import _bindings, load_kernel_libraries, load_own_kernels\n"
+        "load_kernel_libraries(); load_own_kernels(sys.argv[1])\n"
+        "rt = _bindings()._load_for_executorch(sys.argv[1])\n"
+        "x = torch.load(sys.argv[2])\n"
+        "torch.save([t.clone() for t in rt.forward((x,))] + [t.clone() for t in rt.forward((x[:, :1].contiguous(),))], sys.argv[3])\n"
+    )
+    env = {**os.environ, "ET_TRANSFORMERS_NO_VNNI": "1", "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, "-c", script, str(path), str(tmp_path / "x.pt"), str(tmp_path / "y.pt")],
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    got = torch.load(tmp_path / "y.pt")
+    expected = [*module(x), *module(x[:, :1])]
+    for g, e in zip(got, expected):
+        assert torch.equal(g, e), float((g - e).abs().max())
 
 
 def test_program_records_that_it_needs_our_kernels(linear_program, tiny_llama_export):

@@ -8,6 +8,9 @@ and libraries the installed ExecuTorch wheel ships (into our cache folder, keyed
 the flags and the ExecuTorch version, so it is built once per environment), and loads the result.
 The matching PyTorch operators, used when exporting and in eager evaluation, are in :mod:`.ops`;
 their Python reference implementations compute bit for bit what the C++ kernels compute.
+The 4-bit GEMM takes an AVX-512 VNNI path where the CPU has one (chosen when the library loads;
+``ET_TRANSFORMERS_NO_VNNI=1`` forces the AVX2 path, which gives the same bits), and the kernels'
+parallel loops run on a pool of our own sized like ExecuTorch's (``kernel_common.h``).
 """
 
 from __future__ import annotations

@@ -1,12 +1,21 @@
-// What our kernels share: ExecuTorch's kernel headers, the two thread-pool entry points we call
-// (exported by the wheel's libexecutorch_threadpool.so, which ships no header for them), the names
-// every kernel uses, and a few AVX2 helpers (horizontal sum and max, a vectorised exp).
+// What our kernels share: ExecuTorch's kernel headers, the thread-pool entry points we call (for
+// its thread count; exported by the wheel's libexecutorch_threadpool.so, which ships no header for them), the spin
+// pool our parallel loops run on, the names every kernel uses, and a few AVX2 helpers (horizontal
+// sum and max, a vectorised exp).
 #pragma once
 
 #include <immintrin.h>
 
+#include <pthread.h>
+
+#include <atomic>
+#include <chrono>
+#include <condition_variable>
 #include <cstddef>
 #include <cstdint>
+#include <mutex>
+#include <new>
+#include <thread>
 
 #include <executorch/runtime/core/event_tracer_hooks.h>
 #include <executorch/runtime/core/exec_aten/util/tensor_util.h>
@@ -16,7 +25,6 @@
 extern "C" {
 typedef struct pthreadpool* pthreadpool_t;
 typedef void (*pthreadpool_task_1d_t)(void*, size_t);
-void pthreadpool_parallelize_1d(pthreadpool_t, pthreadpool_task_1d_t, void*, size_t, uint32_t);
 size_t pthreadpool_get_threads_count(pthreadpool_t);
 }
 namespace executorch::extension::threadpool {
@@ -39,12 +47,112 @@ inline size_t pool_threads() {
   return pool ? pthreadpool_get_threads_count(pool) : 1;
 }
 
-// task(arg, 0 .. n-1): on ExecuTorch's pool when `parallel` and it has more than one thread, else
-// here, in order.
+// A small pool of our own for our kernels' parallel loops, sized like ExecuTorch's (its thread
+// count is the user's setting). Its workers spin for a while after each loop before they sleep:
+// a decode step is ~120 short GEMMs with a few microseconds of serial work between them, and
+// ExecuTorch's pool puts its workers to sleep between calls, so waking them cost more than the
+// second thread gained. The spin is bounded (kSpinNs of no work, then a condition-variable wait),
+// so an idle process uses no CPU. One loop runs at a time: a caller that finds the pool busy (a
+// second program running on another thread) runs its loop itself. After fork() the child has no
+// workers; the pool starts new ones there on first use.
+class SpinPool {
+ public:
+  static SpinPool& get() {
+    static SpinPool* pool = new SpinPool();  // never destroyed: detached workers may still spin at exit
+    return *pool;
+  }
+
+  // task(arg, 0 .. n-1) on `threads` threads (this one included); returns when all are done.
+  void run(pthreadpool_task_1d_t task, void* arg, size_t n, size_t threads) {
+    std::unique_lock<std::mutex> busy(busy_, std::try_to_lock);
+    if (!busy.owns_lock() || threads <= 1 || n <= 1) {
+      for (size_t i = 0; i < n; ++i) task(arg, i);
+      return;
+    }
+    ensure_workers(std::min(threads, n) - 1);
+    active_ = std::min(threads, n) - 1;
+    task_ = task;
+    arg_ = arg;
+    n_ = n;
+    next_.store(0, std::memory_order_relaxed);
+    running_.store(workers_, std::memory_order_relaxed);
+    epoch_.fetch_add(1, std::memory_order_seq_cst);  // publishes the job
+    if (sleeping_.load(std::memory_order_seq_cst) > 0) {
+      std::lock_guard<std::mutex> lock(sleep_mutex_);
+      wake_.notify_all();
+    }
+    work();
+    while (running_.load(std::memory_order_acquire) != 0) _mm_pause();
+  }
+
+ private:
+  static constexpr int64_t kSpinNs = 2000000;  // 2 ms of no work before a worker sleeps
+
+  SpinPool() { pthread_atfork(nullptr, nullptr, [] { get().forget_workers(); }); }
+
+  void forget_workers() {  // in a fork()ed child: the workers did not come along
+    new (&busy_) std::mutex();
+    new (&sleep_mutex_) std::mutex();
+    new (&wake_) std::condition_variable();
+    workers_ = 0;
+    sleeping_.store(0);
+    running_.store(0);
+  }
+
+  void work() {
+    for (size_t i; (i = next_.fetch_add(1, std::memory_order_relaxed)) < n_;) task_(arg_, i);
+  }
+
+  void ensure_workers(size_t want) {
+    // Workers are never stopped: a loop that wants fewer (the thread count went down) leaves the
+    // extra ones out (they see the job, take no task and report done).
+    while (workers_ < want) {
+      std::thread([this, index = workers_, seen = epoch_.load()]() mutable { worker(index, seen); }).detach();
+      ++workers_;
+    }
+  }
+
+  void worker(size_t index, uint64_t seen) {
+    for (;;) {
+      auto idle_since = std::chrono::steady_clock::now();
+      uint64_t e;
+      for (int spins = 0; (e = epoch_.load(std::memory_order_acquire)) == seen; ++spins) {
+        _mm_pause();
+        if ((spins & 255) == 255 &&
+            std::chrono::duration_cast<std::chrono::nanoseconds>(std::chrono::steady_clock::now() - idle_since).count() > kSpinNs) {
+          std::unique_lock<std::mutex> lock(sleep_mutex_);
+          sleeping_.fetch_add(1, std::memory_order_seq_cst);
+          wake_.wait(lock, [&] { return epoch_.load(std::memory_order_seq_cst) != seen; });
+          sleeping_.fetch_sub(1, std::memory_order_relaxed);
+          idle_since = std::chrono::steady_clock::now();
+        }
+      }
+      seen = e;
+      if (index < active_) work();
+      running_.fetch_sub(1, std::memory_order_acq_rel);
+    }
+  }
+
+  std::mutex busy_;
+  std::mutex sleep_mutex_;
+  std::condition_variable wake_;
+  size_t workers_ = 0;
+  size_t active_ = 0;  // workers taking part in the current loop
+  pthreadpool_task_1d_t task_ = nullptr;
+  void* arg_ = nullptr;
+  size_t n_ = 0;
+  std::atomic<size_t> next_{0};
+  std::atomic<size_t> running_{0};
+  std::atomic<uint64_t> epoch_{0};
+  std::atomic<int> sleeping_{0};
+};
+
+// task(arg, 0 .. n-1): on our pool, with as many threads as ExecuTorch's pool has, when
+// `parallel`; else here, in order.
 inline void run_tasks(pthreadpool_task_1d_t task, void* arg, size_t n, bool parallel) {
-  pthreadpool_t pool = executorch::extension::threadpool::get_pthreadpool();
-  if (parallel && pool && n > 1 && pthreadpool_get_threads_count(pool) > 1) {
-    pthreadpool_parallelize_1d(pool, task, arg, n, 0);
+  const size_t threads = parallel ? pool_threads() : 1;
+  if (threads > 1 && n > 1) {
+    SpinPool::get().run(task, arg, n, threads);
   } else {
     for (size_t i = 0; i < n; ++i) task(arg, i);
   }

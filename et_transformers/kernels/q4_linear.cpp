@@ -15,6 +15,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
 #include <vector>
 
@@ -132,6 +133,128 @@ void task(void* arg, size_t t) {
   }
 }
 
+// The same computation with AVX-512 VNNI, where the CPU has it (checked once, at load): vpdpbusd
+// sums 4 u8 x s8 products into each int32 lane in one instruction (the exact integer dot, as the
+// maddubs path computes it), and one 512-bit register holds two consecutive groups (16 rows) of a
+// block, so the activation quad broadcast and the float steps serve twice the rows; a trailing odd
+// group takes the 256-bit form. The float operations per output element are those of task(), in
+// the same order, so both paths give the same bits.
+constexpr int kTile512 = 8;
+#define ET_VNNI512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni,avx512dq,avx2,fma,f16c")))
+
+ET_VNNI512 inline int32_t quad(const int8_t* p) {
+  int32_t v;
+  std::memcpy(&v, p, sizeof(v));
+  return v;
+}
+
+// The two register widths of the VNNI path: 16 lanes over groups g and g+1, or 8 over group g.
+struct Lanes16 {
+  using I = __m512i;
+  using F = __m512;
+  static constexpr int kGroups = 2;
+  ET_VNNI512 static I weights(const uint8_t* a, size_t group_stride) {
+    return _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(a))),
+                              _mm256_loadu_si256(reinterpret_cast<const __m256i*>(a + group_stride)), 1);
+  }
+  ET_VNNI512 static F scales(const uint16_t* a, size_t group_stride) {
+    return _mm512_cvtph_ps(_mm256_inserti128_si256(
+        _mm256_castsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(a))),
+        _mm_loadu_si128(reinterpret_cast<const __m128i*>(a + group_stride)), 1));
+  }
+  ET_VNNI512 static I low_nibbles(I v) { return _mm512_and_si512(v, _mm512_set1_epi8(0x0F)); }
+  ET_VNNI512 static I high_nibbles(I v) { return _mm512_and_si512(_mm512_srli_epi16(v, 4), _mm512_set1_epi8(0x0F)); }
+  ET_VNNI512 static I set1(int32_t v) { return _mm512_set1_epi32(v); }
+  ET_VNNI512 static I dpbusd(I acc, I w, I x) { return _mm512_dpbusd_epi32(acc, w, x); }
+  ET_VNNI512 static I add(I a, I b) { return _mm512_add_epi32(a, b); }
+  ET_VNNI512 static F zero() { return _mm512_setzero_ps(); }
+  ET_VNNI512 static F set1f(float v) { return _mm512_set1_ps(v); }
+  ET_VNNI512 static F mul(F a, F b) { return _mm512_mul_ps(a, b); }
+  ET_VNNI512 static F addf(F a, F b) { return _mm512_add_ps(a, b); }
+  ET_VNNI512 static F to_float(I v) { return _mm512_cvtepi32_ps(v); }
+  ET_VNNI512 static void store(float* y, F v) { _mm512_storeu_ps(y, v); }
+};
+
+struct Lanes8 {
+  using I = __m256i;
+  using F = __m256;
+  static constexpr int kGroups = 1;
+  ET_VNNI512 static I weights(const uint8_t* a, size_t) { return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(a)); }
+  ET_VNNI512 static F scales(const uint16_t* a, size_t) { return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(a))); }
+  ET_VNNI512 static I low_nibbles(I v) { return _mm256_and_si256(v, _mm256_set1_epi8(0x0F)); }
+  ET_VNNI512 static I high_nibbles(I v) { return _mm256_and_si256(_mm256_srli_epi16(v, 4), _mm256_set1_epi8(0x0F)); }
+  ET_VNNI512 static I set1(int32_t v) { return _mm256_set1_epi32(v); }
+  ET_VNNI512 static I dpbusd(I acc, I w, I x) { return _mm256_dpbusd_epi32(acc, w, x); }
+  ET_VNNI512 static I add(I a, I b) { return _mm256_add_epi32(a, b); }
+  ET_VNNI512 static F zero() { return _mm256_setzero_ps(); }
+  ET_VNNI512 static F set1f(float v) { return _mm256_set1_ps(v); }
+  ET_VNNI512 static F mul(F a, F b) { return _mm256_mul_ps(a, b); }
+  ET_VNNI512 static F addf(F a, F b) { return _mm256_add_ps(a, b); }
+  ET_VNNI512 static F to_float(I v) { return _mm256_cvtepi32_ps(v); }
+  ET_VNNI512 static void store(float* y, F v) { _mm256_storeu_ps(y, v); }
+};
+
+// Groups g .. g + L::kGroups - 1 (output columns from g*8, contiguous) for one tile of activation rows.
+template <class L>
+ET_VNNI512 void vnni_tile(const Job& j, size_t g, const int* rows, int tile) {
+  const int B = j.K / kBlock;
+  const size_t wstride = static_cast<size_t>(B) * kBlockBytes;  // from one group to the next
+  const size_t sstride = static_cast<size_t>(B) * kRows;
+  const uint8_t* wg = j.w + g * wstride;
+  const uint16_t* sg = j.s + g * sstride;
+  typename L::F acc[kTile512];
+  for (int i = 0; i < kTile512; ++i) acc[i] = L::zero();
+  for (int b = 0; b < B; ++b) {
+    const uint8_t* wb = wg + static_cast<size_t>(b) * kBlockBytes;
+    typename L::I w[8];
+    for (int c = 0; c < 4; ++c) {
+      const typename L::I packed = L::weights(wb + 32 * c, wstride);
+      w[c] = L::low_nibbles(packed);
+      w[c + 4] = L::high_nibbles(packed);
+    }
+    const typename L::F ws = L::scales(sg + b * kRows, sstride);
+    for (int i = 0; i < tile; ++i) {
+      const size_t row = static_cast<size_t>(rows[i]) * B + b;
+      const int8_t* x = j.xq + row * kBlock;
+      // two chains, each started from half the weights' +8 offset correction (exact integers)
+      typename L::I d0 = L::set1(-4 * j.xsum[row]);
+      typename L::I d1 = d0;
+      for (int q = 0; q < 8; q += 2) {
+        d0 = L::dpbusd(d0, w[q], L::set1(quad(x + 4 * q)));
+        d1 = L::dpbusd(d1, w[q + 1], L::set1(quad(x + 4 * q + 4)));
+      }
+      const typename L::F sc = L::mul(ws, L::set1f(j.xs[row]));
+      acc[i] = L::addf(acc[i], L::mul(L::to_float(L::add(d0, d1)), sc));
+    }
+  }
+  for (int i = 0; i < tile; ++i) L::store(j.y + static_cast<size_t>(rows[i]) * j.N + g * kRows, acc[i]);
+}
+
+// Task t of the VNNI path: its groups (an even number, but for the last task) in pairs.
+ET_VNNI512 void task_vnni512(void* arg, size_t t) {
+  const Job& j = *static_cast<const Job*>(arg);
+  const size_t G = static_cast<size_t>(j.N / kRows);
+  const size_t g0 = t * j.groups_per_task;
+  const size_t g1 = std::min(G, g0 + j.groups_per_task);
+  for (size_t g = g0; g < g1; g += 2) {
+    for (int i0 = 0; i0 < j.active; i0 += kTile512) {
+      const int tile = std::min(kTile512, j.active - i0);
+      if (g + 1 < g1)
+        vnni_tile<Lanes16>(j, g, j.rows + i0, tile);
+      else
+        vnni_tile<Lanes8>(j, g, j.rows + i0, tile);
+    }
+  }
+}
+
+bool has_vnni512() {
+  __builtin_cpu_init();
+  return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+         __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") &&
+         __builtin_cpu_supports("avx512vnni");
+}
+const bool kVnni512 = has_vnni512() && std::getenv("ET_TRANSFORMERS_NO_VNNI") == nullptr;
+
 void q4_linear_out(KernelRuntimeContext& ctx, Span<EValue*> stack) {
   OpScope scope(ctx.internal_event_tracer(), "et_transformers::q4_linear.out");
   const Tensor& x = stack[0]->toTensor();
@@ -185,7 +308,8 @@ void q4_linear_out(KernelRuntimeContext& ctx, Span<EValue*> stack) {
   // A few tasks per thread so an unevenly loaded core does not hold the others back.
   const size_t tasks = std::min(G, threads > 1 ? threads * 4 : 1);
   job.groups_per_task = (G + tasks - 1) / tasks;
-  run_tasks(task, &job, (G + job.groups_per_task - 1) / job.groups_per_task, true);
+  if (kVnni512) job.groups_per_task += job.groups_per_task & 1;  // whole pairs
+  run_tasks(kVnni512 ? task_vnni512 : task, &job, (G + job.groups_per_task - 1) / job.groups_per_task, true);
 }
 
 const executorch::runtime::Kernel kKernel("et_transformers::q4_linear.out", q4_linear_out);

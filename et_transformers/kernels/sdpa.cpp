@@ -3,7 +3,8 @@
 // query attention), all float32; query s attends to cache positions 0 .. start_pos + s. Returns
 // [B, S, H, D]. The same contract as ExecuTorch's llama::custom_sdpa without a mask; written for
 // the one-token decode step, where that kernel's setup dominates: one pass of AVX2 dot products over
-// the cache rows, a vectorised exp, and one pass of scaled accumulation of the value rows.
+// the cache rows, a vectorised exp, and one pass of scaled accumulation of the value rows; the
+// (batch, query, head) rows are split over the pool's threads, in decode too.
 #include <immintrin.h>
 
 #include <algorithm>
@@ -119,8 +120,7 @@ void sdpa_out(KernelRuntimeContext& ctx, Span<EValue*> stack) {
   ET_KERNEL_CHECK(ctx, executorch::runtime::resize_tensor(out, q.sizes()) == executorch::runtime::Error::Ok,
                   InvalidArgument, );
   j.out = out.mutable_data_ptr<float>();
-  // A one-token step is a few microseconds of work: waking the pool would cost more than it saves.
-  run_tasks(task, &j, static_cast<size_t>(j.B) * j.S * j.H, j.S > 1);
+  run_tasks(task, &j, static_cast<size_t>(j.B) * j.S * j.H, true);
 }
 
 const executorch::runtime::Kernel kKernel("et_transformers::sdpa.out", sdpa_out);
