@@ -9,7 +9,7 @@ the flags and the ExecuTorch version, so it is built once per environment), and 
 The matching PyTorch operators, used when exporting and in eager evaluation, are in :mod:`.ops`;
 their Python reference implementations compute bit for bit what the C++ kernels compute.
 The 4-bit GEMM takes an AVX-512 VNNI path where the CPU has one (chosen when the library loads;
-``ET_TRANSFORMERS_NO_VNNI=1`` forces the AVX2 path, which gives the same bits), and the kernels'
+``ET_TRANSFORMERS_NO_AVX512=1`` forces the AVX2 paths; the GEMM gives the same bits on both), and the kernels'
 parallel loops run on a pool of our own sized like ExecuTorch's (``kernel_common.h``).
 """
 

@@ -8,11 +8,13 @@
 
 #include <pthread.h>
 
+#include <algorithm>
 #include <atomic>
 #include <chrono>
 #include <condition_variable>
 #include <cstddef>
 #include <cstdint>
+#include <cstdlib>
 #include <mutex>
 #include <new>
 #include <thread>
@@ -156,6 +158,34 @@ inline void run_tasks(pthreadpool_task_1d_t task, void* arg, size_t n, bool para
   } else {
     for (size_t i = 0; i < n; ++i) task(arg, i);
   }
+}
+
+// ET_TRANSFORMERS_NO_AVX512=1 keeps the kernels on their AVX2 paths on a CPU that has AVX-512 (to
+// compare them, and to test the AVX2 paths there); read once, when the library loads.
+inline bool avx512_disabled() {
+  static const bool disabled = std::getenv("ET_TRANSFORMERS_NO_AVX512") != nullptr;
+  return disabled;
+}
+
+// fn(begin, end) over [0, rows) in chunks: on the pool for a prefill-sized call (kParallelRows rows
+// or more), else here in one call; a row's result never depends on which chunk computed it.
+constexpr size_t kParallelRows = 16;
+template <class F>
+void for_rows(size_t rows, F&& fn) {
+  const size_t threads = pool_threads();
+  if (rows < kParallelRows || threads <= 1) {
+    fn(size_t{0}, rows);
+    return;
+  }
+  struct Chunks {
+    F* fn;
+    size_t rows, per;
+  } chunks{&fn, rows, (rows + threads * 2 - 1) / (threads * 2)};
+  run_tasks([](void* arg, size_t t) {
+    const Chunks& c = *static_cast<const Chunks*>(arg);
+    const size_t begin = t * c.per;
+    if (begin < c.rows) (*c.fn)(begin, std::min(c.rows, begin + c.per));
+  }, &chunks, (rows + chunks.per - 1) / chunks.per, true);
 }
 
 // e^x for x in [-87, 88] (inputs outside are clamped): 2^k * p(r), r = x - k ln2 in [-ln2/2, ln2/2],

@@ -1,8 +1,8 @@
 // The small per-layer operators of a decoder between its GEMMs, for programs built with our kernels:
 // et_transformers::rms_norm, ::rope and ::silu_mul. Each is one pass over a few thousand floats per
 // token. As XNNPACK delegates they cost a delegate call each (~25 us at two threads: XNNPACK lets the
-// pool's workers sleep after every call, and waking them is most of the cost), so they run here,
-// serially, on the calling thread; the GEMMs around them keep the pool's workers spinning.
+// pool's workers sleep after every call, and waking them is most of the cost), so they run here:
+// on the calling thread for a decode step, split by rows over our pool for a prefill.
 //
 // rms_norm(x [..., D], weight [D], eps, unit_offset): y = x * (1 / sqrt(mean(x^2) + eps)) * w, with
 //   w = 1 + weight when unit_offset (Gemma's form), else weight.
@@ -46,7 +46,8 @@ void rms_norm_out(KernelRuntimeContext& ctx, Span<EValue*> stack) {
   const float* w = weight.const_data_ptr<float>();
   float* y = out.mutable_data_ptr<float>();
   const __m256 one = _mm256_set1_ps(1.f);
-  for (size_t r = 0; r < rows; ++r) {
+  for_rows(rows, [&](size_t r0, size_t r1) {
+  for (size_t r = r0; r < r1; ++r) {
     const float* xr = xp + r * D;
     float* yr = y + r * D;
     __m256 acc = _mm256_setzero_ps();
@@ -66,6 +67,7 @@ void rms_norm_out(KernelRuntimeContext& ctx, Span<EValue*> stack) {
     }
     for (; d < D; ++d) yr[d] = (xr[d] * inv) * (unit_offset ? 1.f + w[d] : w[d]);
   }
+  });
 }
 
 void rope_out(KernelRuntimeContext& ctx, Span<EValue*> stack) {
@@ -88,7 +90,8 @@ void rope_out(KernelRuntimeContext& ctx, Span<EValue*> stack) {
   const float* cp = cos_t.const_data_ptr<float>();
   const float* sp = sin_t.const_data_ptr<float>();
   float* y = out.mutable_data_ptr<float>();
-  for (int bs = 0; bs < B * S; ++bs) {
+  for_rows(static_cast<size_t>(B) * S, [&](size_t r0, size_t r1) {
+  for (size_t bs = r0; bs < r1; ++bs) {
     const float* c = cp + static_cast<size_t>(bs) * D;
     const float* s = sp + static_cast<size_t>(bs) * D;
     for (int h = 0; h < H; ++h) {
@@ -111,6 +114,7 @@ void rope_out(KernelRuntimeContext& ctx, Span<EValue*> stack) {
       }
     }
   }
+  });
 }
 
 void silu_mul_out(KernelRuntimeContext& ctx, Span<EValue*> stack) {
@@ -136,7 +140,8 @@ void silu_mul_out(KernelRuntimeContext& ctx, Span<EValue*> stack) {
   };
   // Row by row, the tail through the same vector code: an element's value depends only on its own
   // inputs, never on how many rows share the call (decode and verify steps agree).
-  for (size_t r = 0; r < rows; ++r) {
+  for_rows(rows, [&](size_t r0, size_t r1) {
+  for (size_t r = r0; r < r1; ++r) {
     const size_t base = r * N;
     int i = 0;
     for (; i + 8 <= N; i += 8) eight(g + base + i, u + base + i, y + base + i);
@@ -148,6 +153,7 @@ void silu_mul_out(KernelRuntimeContext& ctx, Span<EValue*> stack) {
       std::memcpy(y + base + i, yt, sizeof(float) * (N - i));
     }
   }
+  });
 }
 
 const executorch::runtime::Kernel kKernels[] = {

@@ -137,9 +137,10 @@ void task(void* arg, size_t t) {
 // sums 4 u8 x s8 products into each int32 lane in one instruction (the exact integer dot, as the
 // maddubs path computes it), and one 512-bit register holds two consecutive groups (16 rows) of a
 // block, so the activation quad broadcast and the float steps serve twice the rows; a trailing odd
-// group takes the 256-bit form. The float operations per output element are those of task(), in
+// group takes the 256-bit form. ET_TRANSFORMERS_NO_AVX512 keeps the AVX2 path. The float operations per output element are those of task(), in
 // the same order, so both paths give the same bits.
 constexpr int kTile512 = 8;
+constexpr int kTile4 = 6;  // rows per tile when a row takes two registers
 #define ET_VNNI512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni,avx512dq,avx2,fma,f16c")))
 
 ET_VNNI512 inline int32_t quad(const int8_t* p) {
@@ -194,40 +195,47 @@ struct Lanes8 {
   ET_VNNI512 static void store(float* y, F v) { _mm256_storeu_ps(y, v); }
 };
 
-// Groups g .. g + L::kGroups - 1 (output columns from g*8, contiguous) for one tile of activation rows.
-template <class L>
+// Groups g .. g + NV * L::kGroups - 1 (output columns from g*8, contiguous) for one tile of up to
+// T activation rows: NV registers per row, so each activation broadcast serves NV of them.
+template <class L, int NV, int T>
 ET_VNNI512 void vnni_tile(const Job& j, size_t g, const int* rows, int tile) {
   const int B = j.K / kBlock;
   const size_t wstride = static_cast<size_t>(B) * kBlockBytes;  // from one group to the next
   const size_t sstride = static_cast<size_t>(B) * kRows;
   const uint8_t* wg = j.w + g * wstride;
   const uint16_t* sg = j.s + g * sstride;
-  typename L::F acc[kTile512];
-  for (int i = 0; i < kTile512; ++i) acc[i] = L::zero();
+  typename L::F acc[T][NV];
+  for (int i = 0; i < T; ++i)
+    for (int v = 0; v < NV; ++v) acc[i][v] = L::zero();
   for (int b = 0; b < B; ++b) {
-    const uint8_t* wb = wg + static_cast<size_t>(b) * kBlockBytes;
-    typename L::I w[8];
-    for (int c = 0; c < 4; ++c) {
-      const typename L::I packed = L::weights(wb + 32 * c, wstride);
-      w[c] = L::low_nibbles(packed);
-      w[c + 4] = L::high_nibbles(packed);
+    typename L::I w[NV][8];
+    typename L::F ws[NV];
+    for (int v = 0; v < NV; ++v) {
+      const size_t group = static_cast<size_t>(v) * L::kGroups;
+      const uint8_t* wb = wg + group * wstride + static_cast<size_t>(b) * kBlockBytes;
+      for (int c = 0; c < 4; ++c) {
+        const typename L::I packed = L::weights(wb + 32 * c, wstride);
+        w[v][c] = L::low_nibbles(packed);
+        w[v][c + 4] = L::high_nibbles(packed);
+      }
+      ws[v] = L::scales(sg + group * sstride + b * kRows, sstride);
     }
-    const typename L::F ws = L::scales(sg + b * kRows, sstride);
     for (int i = 0; i < tile; ++i) {
       const size_t row = static_cast<size_t>(rows[i]) * B + b;
       const int8_t* x = j.xq + row * kBlock;
-      // two chains, each started from half the weights' +8 offset correction (exact integers)
-      typename L::I d0 = L::set1(-4 * j.xsum[row]);
-      typename L::I d1 = d0;
-      for (int q = 0; q < 8; q += 2) {
-        d0 = L::dpbusd(d0, w[q], L::set1(quad(x + 4 * q)));
-        d1 = L::dpbusd(d1, w[q + 1], L::set1(quad(x + 4 * q + 4)));
+      typename L::I d[NV];  // started from the weights' +8 offset correction (exact integers)
+      for (int v = 0; v < NV; ++v) d[v] = L::set1(-8 * j.xsum[row]);
+      for (int q = 0; q < 8; ++q) {
+        const typename L::I xq = L::set1(quad(x + 4 * q));
+        for (int v = 0; v < NV; ++v) d[v] = L::dpbusd(d[v], w[v][q], xq);
       }
-      const typename L::F sc = L::mul(ws, L::set1f(j.xs[row]));
-      acc[i] = L::addf(acc[i], L::mul(L::to_float(L::add(d0, d1)), sc));
+      const typename L::F xs = L::set1f(j.xs[row]);
+      for (int v = 0; v < NV; ++v) acc[i][v] = L::addf(acc[i][v], L::mul(L::to_float(d[v]), L::mul(ws[v], xs)));
     }
   }
-  for (int i = 0; i < tile; ++i) L::store(j.y + static_cast<size_t>(rows[i]) * j.N + g * kRows, acc[i]);
+  for (int i = 0; i < tile; ++i)
+    for (int v = 0; v < NV; ++v)
+      L::store(j.y + static_cast<size_t>(rows[i]) * j.N + (g + static_cast<size_t>(v) * L::kGroups) * kRows, acc[i][v]);
 }
 
 // Task t of the VNNI path: its groups (an even number, but for the last task) in pairs.
@@ -236,13 +244,19 @@ ET_VNNI512 void task_vnni512(void* arg, size_t t) {
   const size_t G = static_cast<size_t>(j.N / kRows);
   const size_t g0 = t * j.groups_per_task;
   const size_t g1 = std::min(G, g0 + j.groups_per_task);
-  for (size_t g = g0; g < g1; g += 2) {
+  size_t g = g0;
+  if (j.active > 1) {  // several rows: four groups at a time, each broadcast serving two registers
+    for (; g + 4 <= g1; g += 4)
+      for (int i0 = 0; i0 < j.active; i0 += kTile4)
+        vnni_tile<Lanes16, 2, kTile4>(j, g, j.rows + i0, std::min(kTile4, j.active - i0));
+  }
+  for (; g < g1; g += 2) {
     for (int i0 = 0; i0 < j.active; i0 += kTile512) {
       const int tile = std::min(kTile512, j.active - i0);
       if (g + 1 < g1)
-        vnni_tile<Lanes16>(j, g, j.rows + i0, tile);
+        vnni_tile<Lanes16, 1, kTile512>(j, g, j.rows + i0, tile);
       else
-        vnni_tile<Lanes8>(j, g, j.rows + i0, tile);
+        vnni_tile<Lanes8, 1, kTile512>(j, g, j.rows + i0, tile);
     }
   }
 }
@@ -253,7 +267,7 @@ bool has_vnni512() {
          __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") &&
          __builtin_cpu_supports("avx512vnni");
 }
-const bool kVnni512 = has_vnni512() && std::getenv("ET_TRANSFORMERS_NO_VNNI") == nullptr;
+const bool kVnni512 = has_vnni512() && !avx512_disabled();
 
 void q4_linear_out(KernelRuntimeContext& ctx, Span<EValue*> stack) {
   OpScope scope(ctx.internal_event_tracer(), "et_transformers::q4_linear.out");
@@ -308,7 +322,10 @@ void q4_linear_out(KernelRuntimeContext& ctx, Span<EValue*> stack) {
   // A few tasks per thread so an unevenly loaded core does not hold the others back.
   const size_t tasks = std::min(G, threads > 1 ? threads * 4 : 1);
   job.groups_per_task = (G + tasks - 1) / tasks;
-  if (kVnni512) job.groups_per_task += job.groups_per_task & 1;  // whole pairs
+  if (kVnni512) {  // whole pairs (one row), whole fours (several)
+    const size_t unit = rows.size() > 1 ? 4 : 2;
+    job.groups_per_task = (job.groups_per_task + unit - 1) / unit * unit;
+  }
   run_tasks(kVnni512 ? task_vnni512 : task, &job, (G + job.groups_per_task - 1) / job.groups_per_task, true);
 }
 
