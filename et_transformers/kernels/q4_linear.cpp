@@ -140,7 +140,8 @@ void task(void* arg, size_t t) {
 // group takes the 256-bit form. ET_TRANSFORMERS_NO_AVX512 keeps the AVX2 path. The float operations per output element are those of task(), in
 // the same order, so both paths give the same bits.
 constexpr int kTile512 = 8;
-constexpr int kTile4 = 6;  // rows per tile when a row takes two registers
+constexpr int kWide = 2;   // registers per row when several rows share a call (2 groups each)
+constexpr int kTile4 = 8;  // rows per tile then
 #define ET_VNNI512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni,avx512dq,avx2,fma,f16c")))
 
 ET_VNNI512 inline int32_t quad(const int8_t* p) {
@@ -223,14 +224,21 @@ ET_VNNI512 void vnni_tile(const Job& j, size_t g, const int* rows, int tile) {
     for (int i = 0; i < tile; ++i) {
       const size_t row = static_cast<size_t>(rows[i]) * B + b;
       const int8_t* x = j.xq + row * kBlock;
-      typename L::I d[NV];  // started from the weights' +8 offset correction (exact integers)
-      for (int v = 0; v < NV; ++v) d[v] = L::set1(-8 * j.xsum[row]);
-      for (int q = 0; q < 8; ++q) {
-        const typename L::I xq = L::set1(quad(x + 4 * q));
-        for (int v = 0; v < NV; ++v) d[v] = L::dpbusd(d[v], w[v][q], xq);
+      // two chains per register (a short dependency chain for the one-row decode step), each
+      // started from half the weights' +8 offset correction: exact integers in any order
+      typename L::I d0[NV], d1[NV];
+      const typename L::I offset = L::set1(-4 * j.xsum[row]);
+      for (int v = 0; v < NV; ++v) d0[v] = d1[v] = offset;
+      for (int q = 0; q < 8; q += 2) {
+        const typename L::I x0 = L::set1(quad(x + 4 * q)), x1 = L::set1(quad(x + 4 * q + 4));
+        for (int v = 0; v < NV; ++v) {
+          d0[v] = L::dpbusd(d0[v], w[v][q], x0);
+          d1[v] = L::dpbusd(d1[v], w[v][q + 1], x1);
+        }
       }
       const typename L::F xs = L::set1f(j.xs[row]);
-      for (int v = 0; v < NV; ++v) acc[i][v] = L::addf(acc[i][v], L::mul(L::to_float(d[v]), L::mul(ws[v], xs)));
+      for (int v = 0; v < NV; ++v)
+        acc[i][v] = L::addf(acc[i][v], L::mul(L::to_float(L::add(d0[v], d1[v])), L::mul(ws[v], xs)));
     }
   }
   for (int i = 0; i < tile; ++i)
@@ -246,9 +254,9 @@ ET_VNNI512 void task_vnni512(void* arg, size_t t) {
   const size_t g1 = std::min(G, g0 + j.groups_per_task);
   size_t g = g0;
   if (j.active > 1) {  // several rows: four groups at a time, each broadcast serving two registers
-    for (; g + 4 <= g1; g += 4)
+    for (; g + 2 * kWide <= g1; g += 2 * kWide)
       for (int i0 = 0; i0 < j.active; i0 += kTile4)
-        vnni_tile<Lanes16, 2, kTile4>(j, g, j.rows + i0, std::min(kTile4, j.active - i0));
+        vnni_tile<Lanes16, kWide, kTile4>(j, g, j.rows + i0, std::min(kTile4, j.active - i0));
   }
   for (; g < g1; g += 2) {
     for (int i0 = 0; i0 < j.active; i0 += kTile512) {
@@ -323,7 +331,7 @@ void q4_linear_out(KernelRuntimeContext& ctx, Span<EValue*> stack) {
   const size_t tasks = std::min(G, threads > 1 ? threads * 4 : 1);
   job.groups_per_task = (G + tasks - 1) / tasks;
   if (kVnni512) {  // whole pairs (one row), whole fours (several)
-    const size_t unit = rows.size() > 1 ? 4 : 2;
+    const size_t unit = rows.size() > 1 ? 2 * kWide : 2;
     job.groups_per_task = (job.groups_per_task + unit - 1) / unit * unit;
   }
   run_tasks(kVnni512 ? task_vnni512 : task, &job, (G + job.groups_per_task - 1) / job.groups_per_task, true);
