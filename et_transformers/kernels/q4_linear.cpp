@@ -142,6 +142,9 @@ void task(void* arg, size_t t) {
 constexpr int kTile512 = 8;
 constexpr int kWide = 2;   // registers per row when several rows share a call (2 groups each)
 constexpr int kTile4 = 8;  // rows per tile then
+// A one-row call streams the weights from memory: each group's weights and scales are asked for
+// this many weight bytes ahead (measured: 26 -> 31-34 GB/s at two threads on a 134 MB matrix).
+constexpr int kPrefetch = 1024;
 #define ET_VNNI512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni,avx512dq,avx2,fma,f16c")))
 
 ET_VNNI512 inline int32_t quad(const int8_t* p) {
@@ -214,6 +217,14 @@ ET_VNNI512 void vnni_tile(const Job& j, size_t g, const int* rows, int tile) {
     for (int v = 0; v < NV; ++v) {
       const size_t group = static_cast<size_t>(v) * L::kGroups;
       const uint8_t* wb = wg + group * wstride + static_cast<size_t>(b) * kBlockBytes;
+      if (tile == 1) {
+        for (int gi = 0; gi < L::kGroups; ++gi) {
+          for (int line = 0; line < kBlockBytes; line += 64)
+            _mm_prefetch(reinterpret_cast<const char*>(wb + gi * wstride + kPrefetch + line), _MM_HINT_T0);
+          if ((b & 3) == 0)  // a 64-byte line holds 4 blocks' scales
+            _mm_prefetch(reinterpret_cast<const char*>(sg + (group + gi) * sstride + b * kRows + kPrefetch / 8), _MM_HINT_T0);
+        }
+      }
       for (int c = 0; c < 4; ++c) {
         const typename L::I packed = L::weights(wb + 32 * c, wstride);
         w[v][c] = L::low_nibbles(packed);
