@@ -133,12 +133,14 @@ void task(void* arg, size_t t) {
   }
 }
 
-// The same computation with AVX-512 VNNI, where the CPU has it (checked once, at load): vpdpbusd
-// sums 4 u8 x s8 products into each int32 lane in one instruction (the exact integer dot, as the
-// maddubs path computes it), and one 512-bit register holds two consecutive groups (16 rows) of a
-// block, so the activation quad broadcast and the float steps serve twice the rows; a trailing odd
-// group takes the 256-bit form. ET_TRANSFORMERS_NO_AVX512 keeps the AVX2 path. The float operations per output element are those of task(), in
-// the same order, so both paths give the same bits.
+// The same computation with AVX-512 VNNI, where the CPU has it (checked once, at load;
+// ET_TRANSFORMERS_NO_AVX512 keeps the AVX2 path): vpdpbusd sums 4 u8 x s8 products into each int32
+// lane in one instruction (the exact integer dot, as the maddubs path computes it). Several rows
+// (prefill, verification) are compute-bound: a 512-bit register holds two consecutive groups (16
+// rows) of a block and each activation broadcast serves two registers, 32 output rows. One row (a
+// decode step) is bound by reading the weights from memory: it takes one group at a time in 256-bit
+// registers, so the weights come as one sequential stream, prefetched ahead. The float operations
+// per output element are those of task(), in the same order, so every path gives the same bits.
 constexpr int kTile512 = 8;
 constexpr int kWide = 2;   // registers per row when several rows share a call (2 groups each)
 constexpr int kTile4 = 8;  // rows per tile then
@@ -269,6 +271,10 @@ ET_VNNI512 void task_vnni512(void* arg, size_t t) {
       for (int i0 = 0; i0 < j.active; i0 += kTile4)
         vnni_tile<Lanes16, kWide, kTile4>(j, g, j.rows + i0, std::min(kTile4, j.active - i0));
   }
+  if (j.active == 1) {  // one row streams the weights from memory: one group at a time, one stream
+    for (; g < g1; ++g) vnni_tile<Lanes8, 1, kTile512>(j, g, j.rows, 1);  // (a pair made two: 17 vs 29 GB/s)
+    return;
+  }
   for (; g < g1; g += 2) {
     for (int i0 = 0; i0 < j.active; i0 += kTile512) {
       const int tile = std::min(kTile512, j.active - i0);
@@ -341,8 +347,8 @@ void q4_linear_out(KernelRuntimeContext& ctx, Span<EValue*> stack) {
   // A few tasks per thread so an unevenly loaded core does not hold the others back.
   const size_t tasks = std::min(G, threads > 1 ? threads * 4 : 1);
   job.groups_per_task = (G + tasks - 1) / tasks;
-  if (kVnni512) {  // whole pairs (one row), whole fours (several)
-    const size_t unit = rows.size() > 1 ? 2 * kWide : 2;
+  if (kVnni512) {  // several rows: whole sets of 2 * kWide groups
+    const size_t unit = rows.size() > 1 ? 2 * kWide : 1;
     job.groups_per_task = (job.groups_per_task + unit - 1) / unit * unit;
   }
   run_tasks(kVnni512 ? task_vnni512 : task, &job, (G + job.groups_per_task - 1) / job.groups_per_task, true);
