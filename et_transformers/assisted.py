@@ -42,7 +42,8 @@ SCHEDULES = ("constant", "heuristic", "heuristic_transient")
 
 
 class PromptLookup:
-    """Drafts by n-gram lookup in the sequence so far (transformers' ``PromptLookupCandidateGenerator``).
+    """Drafts by n-gram lookup in the sequence so far (transformers' ``PromptLookupCandidateGenerator``),
+    with a draft length that adapts to how the last draft fared (:meth:`feedback`).
 
     Args:
         num_tokens: most tokens drafted per step (``prompt_lookup_num_tokens``).
@@ -55,14 +56,18 @@ class PromptLookup:
         self.num_tokens = num_tokens
         self.max_ngram = max_ngram
         self.eos_ids = frozenset(eos_ids)
+        #: Tokens the next draft may have: ``num_tokens`` at first, then adapted by :meth:`feedback`.
+        self.length = num_tokens
 
     def propose(self, ids: list[int], limit: int) -> list[int]:
-        """Up to ``min(num_tokens, limit)`` tokens to follow ``ids``; empty when nothing matches."""
-        n_out = min(self.num_tokens, limit)
+        """Up to ``min(length, limit)`` tokens to follow ``ids``; empty when nothing matches."""
+        n_out = min(self.length, limit)
         if n_out <= 0:
             return []
         seq = np.asarray(ids)
-        for size in range(min(self.max_ngram, len(ids) - 1), 0, -1):
+        # after a draft whose first token missed, a one-token match is too weak a hint to pay a verify for
+        shortest = 2 if self.length == 1 and self.max_ngram >= 2 else 1
+        for size in range(min(self.max_ngram, len(ids) - 1), shortest - 1, -1):
             suffix = seq[-size:]
             # windows ending before the suffix itself; the earliest match wins, as in transformers
             windows = np.lib.stride_tricks.sliding_window_view(seq[:-1], size)
@@ -77,7 +82,12 @@ class PromptLookup:
         return []
 
     def feedback(self, drafted: int, accepted: int) -> None:
-        """Prompt lookup keeps its length fixed."""
+        """Adapt the draft length to how the last draft fared: two more (up to ``num_tokens``) after
+        a fully accepted one, else one more than it kept. A verify call costs more the more rows it
+        scores, so a lookup that keeps missing (open-ended text) drafts short, and one that keeps
+        hitting (a passage quoted back) drafts long; the tokens generated are the same either way."""
+        if drafted:
+            self.length = min(self.num_tokens, self.length + 2) if accepted == drafted else accepted + 1
 
 
 class DraftModel:

@@ -239,3 +239,23 @@ def test_chat_session_takes_assistance(et, draft):
         expected = plain.send(text)
         assert assisted_chat.send(text) == expected
         assert drafted_chat.send(text) == expected
+
+
+def test_prompt_lookup_adapts_its_draft_length():
+    """Drafts shrink to one more token than the last draft kept, grow by two (up to
+    ``prompt_lookup_num_tokens``) after a fully kept one, and after a first-token miss a one-token
+    match no longer drafts (only a two-token one does)."""
+    lookup = assisted.PromptLookup(num_tokens=6, max_ngram=2)
+    ids = [1, 2, 3, 4, 5, 6, 7, 8, 9, 1, 2]  # "1 2" seen before: the draft is what followed it
+    assert lookup.propose(ids, limit=10) == [3, 4, 5, 6, 7, 8]
+    lookup.feedback(drafted=6, accepted=2)
+    assert lookup.propose(ids, limit=10) == [3, 4, 5]
+    lookup.feedback(drafted=3, accepted=3)
+    assert lookup.length == 5
+    lookup.feedback(drafted=5, accepted=5)
+    assert lookup.length == 6  # capped
+    lookup.feedback(drafted=6, accepted=0)
+    assert lookup.propose(ids, limit=10) == [3]  # a two-token match still drafts, one token long
+    assert lookup.propose([1, 2, 3, 4, 9, 3], limit=10) == []  # only "3" matches: not enough now
+    lookup.feedback(drafted=1, accepted=1)
+    assert lookup.propose([1, 2, 3, 4, 9, 3], limit=10) == [4, 9, 3]
