@@ -184,6 +184,8 @@ def main() -> None:
     parser.add_argument("--note", default="", help="a sentence appended to the table's caption")
     parser.add_argument("--json", type=Path, help="also save the rows as JSON here")
     args = parser.parse_args()
+    if args.update and not args.write:
+        parser.error("--update replaces rows of the written table: pass it with --write")
 
     names = args.recipes.split(",") if args.recipes else [n for n in RECIPES if n.startswith("xnnpack")]
     folder = hf_folder(fetch(ROOT / ".demo"))
