@@ -329,9 +329,13 @@ void q4_linear_out(KernelRuntimeContext& ctx, Span<EValue*> stack) {
   xs.resize(static_cast<size_t>(M) * B);
   xsum.resize(static_cast<size_t>(M) * B);
   const float* xp = x.const_data_ptr<float>();
-  for (int m = 0; m < M; ++m)
-    quantize_row(xp + static_cast<size_t>(m) * K, K, xq.data() + static_cast<size_t>(m) * K, xs.data() + m * B,
-                 xsum.data() + m * B);
+  int8_t* xqp = xq.data();
+  float* xsp = xs.data();
+  int32_t* xsump = xsum.data();
+  for_rows(static_cast<size_t>(M), [&](size_t m0, size_t m1) {  // a prefill's rows split over the pool
+    for (size_t m = m0; m < m1; ++m)
+      quantize_row(xp + m * K, K, xqp + m * K, xsp + m * B, xsump + m * B);
+  });
   // All-zero rows (the padding rows of a verifying program's head, on every decode step) give +0
   // whatever the weights (each term is dot * (scale * 0)): written here, not computed.
   thread_local std::vector<int> rows;
