@@ -136,20 +136,20 @@ void task(void* arg, size_t t) {
 // The same computation with AVX-512 VNNI, where the CPU has it (checked once, at load;
 // ET_TRANSFORMERS_NO_AVX512 keeps the AVX2 path): vpdpbusd sums 4 u8 x s8 products into each int32
 // lane in one instruction (the exact integer dot, as the maddubs path computes it). Several rows
-// (a prefill) are compute-bound: a 512-bit register holds two consecutive groups (16 rows) of a
-// block and each activation broadcast serves two registers, 32 output rows. Up to kStreamRows rows
-// (a decode step, a draft's verification) are bound by reading the weights from memory: one group
-// at a time in 256-bit registers, so the weights come as one sequential stream, prefetched ahead. The float operations
-// per output element are those of task(), in the same order, so every path gives the same bits.
+// (a prefill, a draft's verification) take four groups at a time: a 512-bit register holds two
+// consecutive groups (16 rows) of a block and each activation broadcast serves two registers, 32
+// output rows. One row (a decode step) is bound by reading the weights from memory: it takes one
+// group at a time in 256-bit registers, so the weights come as one sequential stream. Calls of up
+// to kStreamRows rows prefetch their weights ahead. The float operations per output element are
+// those of task(), in the same order, so every path gives the same bits.
 constexpr int kTile512 = 8;
 constexpr int kWide = 2;   // registers per row when several rows share a call (2 groups each)
-constexpr int kTile4 = 8;  // rows per tile then
-// A one-row call streams the weights from memory: each group's weights and scales are asked for
-// this many weight bytes ahead (measured: 26 -> 31-34 GB/s at two threads on a 134 MB matrix).
+constexpr int kWideTile = 8;  // rows per tile then
+// Calls of up to kStreamRows rows (a decode step, a draft's verification) are bound by reading the
+// weights: each group's weights and scales are asked for kPrefetch weight bytes ahead (one row:
+// 26 -> 31-34 GB/s at two threads on a 134 MB matrix; 8 rows: 5.3 -> 2.8-4.7 ms there), and groups
+// left over after the four-group sets are taken one at a time.
 constexpr int kPrefetch = 1024;
-// Up to this many rows (a decode step, a draft's verification) a call is bound by reading the
-// weights: it walks one group at a time, all its rows in one tile (8 rows: 5.3 -> 3.9-4.7 ms on a
-// 134 MB matrix at two threads, against the compute-bound prefill tiling).
 constexpr int kStreamRows = 8;
 static_assert(kStreamRows <= kTile512, "a streamed call is one tile");
 #define ET_VNNI512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni,avx512dq,avx2,fma,f16c")))
@@ -264,7 +264,8 @@ ET_VNNI512 void vnni_tile(const Job& j, size_t g, const int* rows, int tile) {
       L::store(j.y + static_cast<size_t>(rows[i]) * j.N + (g + static_cast<size_t>(v) * L::kGroups) * kRows, acc[i][v]);
 }
 
-// Task t of the VNNI path: its groups (an even number, but for the last task) in pairs.
+// Task t of the VNNI path: its groups, in sets of four for several rows, then one at a time for up
+// to kStreamRows rows (all of them for one row), else in pairs.
 ET_VNNI512 void task_vnni512(void* arg, size_t t) {
   const Job& j = *static_cast<const Job*>(arg);
   const size_t G = static_cast<size_t>(j.N / kRows);
@@ -273,10 +274,10 @@ ET_VNNI512 void task_vnni512(void* arg, size_t t) {
   size_t g = g0;
   if (j.active > 1) {  // several rows: four groups at a time, each broadcast serving two registers
     for (; g + 2 * kWide <= g1; g += 2 * kWide)
-      for (int i0 = 0; i0 < j.active; i0 += kTile4)
-        vnni_tile<Lanes16, kWide, kTile4>(j, g, j.rows + i0, std::min(kTile4, j.active - i0));
+      for (int i0 = 0; i0 < j.active; i0 += kWideTile)
+        vnni_tile<Lanes16, kWide, kWideTile>(j, g, j.rows + i0, std::min(kWideTile, j.active - i0));
   }
-  if (j.active <= kStreamRows) {  // one group at a time: one weight stream (a pair made two: 17 vs 29 GB/s)
+  if (j.active <= kStreamRows) {  // one group at a time: one weight stream (for one row, a pair made two: 17 vs 29 GB/s)
     for (; g < g1; ++g) vnni_tile<Lanes8, 1, kTile512>(j, g, j.rows, j.active);
     return;
   }
@@ -356,7 +357,7 @@ void q4_linear_out(KernelRuntimeContext& ctx, Span<EValue*> stack) {
   // A few tasks per thread so an unevenly loaded core does not hold the others back.
   const size_t tasks = std::min(G, threads > 1 ? threads * 4 : 1);
   job.groups_per_task = (G + tasks - 1) / tasks;
-  if (kVnni512) {  // several rows: whole sets of 2 * kWide groups
+  if (kVnni512) {  // more than kStreamRows rows: each task but the last gets whole sets of 2 * kWide groups
     const size_t unit = static_cast<int>(rows.size()) > kStreamRows ? 2 * kWide : 1;
     job.groups_per_task = (job.groups_per_task + unit - 1) / unit * unit;
   }
