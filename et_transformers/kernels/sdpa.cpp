@@ -2,9 +2,11 @@
 // with our kernels. q [B, S, H, D], k_cache / v_cache [B, T, Hkv, D] (H a multiple of Hkv, grouped
 // query attention), all float32; query s attends to cache positions 0 .. start_pos + s. Returns
 // [B, S, H, D]. The same contract as ExecuTorch's llama::custom_sdpa without a mask; written for
-// the one-token decode step, where that kernel's setup dominates: one pass of AVX2 dot products over
-// the cache rows, a vectorised exp, and one pass of scaled accumulation of the value rows; the
-// (batch, query, head) rows are split over the pool's threads, in decode too.
+// the one-token decode step, where that kernel's setup dominates: dot products over the cache rows,
+// a vectorised exp, and one pass of scaled accumulation of the value rows. With AVX2 (D a multiple
+// of 8) a task takes a block of rows (a few queries x a kv head's query heads) so each cache row
+// read serves all of them; with AVX-512 a task is one (batch, query, head) row. Tasks are split
+// over the pool's threads, in decode too.
 #include <immintrin.h>
 
 #include <algorithm>
@@ -26,9 +28,30 @@ struct Job {
   const float* k;
   const float* v;
   float* out;
+  int queries_per_task;  // block8(): each task takes these many queries ...
+  int heads_per_task;    // ... times these many heads of one kv head
 };
 
-// One (batch, query, head) row.
+// scores[0, n) -> their softmax numerators exp(s - max), in place; returns 1 / their sum. scores
+// must have room for 8 more floats (set to -inf: padding lanes whose exp is 0).
+inline float softmax_numerators(float* scores, int n) {
+  __m256 vmax = _mm256_set1_ps(-INFINITY);
+  int t = 0;
+  for (; t + 8 <= n; t += 8) vmax = _mm256_max_ps(vmax, _mm256_loadu_ps(scores + t));
+  float mx = hmax(vmax);
+  for (; t < n; ++t) mx = std::max(mx, scores[t]);
+  for (int i = n; i < n + 8; ++i) scores[i] = -INFINITY;
+  const __m256 vm = _mm256_set1_ps(mx);
+  __m256 vsum = _mm256_setzero_ps();
+  for (t = 0; t < n; t += 8) {
+    const __m256 e = exp_nonpositive(_mm256_sub_ps(_mm256_loadu_ps(scores + t), vm));
+    _mm256_storeu_ps(scores + t, e);
+    vsum = _mm256_add_ps(vsum, e);
+  }
+  return 1.f / hsum(vsum);
+}
+
+// One (batch, query, head) row, for D not a multiple of 8.
 void row(const Job& j, size_t index, std::vector<float>& scores) {
   const int h = static_cast<int>(index % j.H);
   const int s = static_cast<int>((index / j.H) % j.S);
@@ -52,21 +75,7 @@ void row(const Job& j, size_t index, std::vector<float>& scores) {
     for (; d < D; ++d) dot += q[d] * kt[d];
     scores[t] = dot * j.scale;
   }
-  // softmax numerators and their sum
-  __m256 vmax = _mm256_set1_ps(-INFINITY);
-  int t = 0;
-  for (; t + 8 <= n; t += 8) vmax = _mm256_max_ps(vmax, _mm256_loadu_ps(&scores[t]));
-  float mx = hmax(vmax);
-  for (; t < n; ++t) mx = std::max(mx, scores[t]);
-  for (int i = n; i < n + 8; ++i) scores[i] = -INFINITY;  // padding: exp gives 0
-  const __m256 vm = _mm256_set1_ps(mx);
-  __m256 vsum = _mm256_setzero_ps();
-  for (t = 0; t < n; t += 8) {
-    const __m256 e = exp_nonpositive(_mm256_sub_ps(_mm256_loadu_ps(&scores[t]), vm));
-    _mm256_storeu_ps(&scores[t], e);
-    vsum = _mm256_add_ps(vsum, e);
-  }
-  const float inv = 1.f / hsum(vsum);
+  const float inv = softmax_numerators(scores.data(), n);
   // out = sum_t p_t v_t / sum
   for (int d0 = 0; d0 < D; d0 += 64) {
     const int width = std::min(64, D - d0);
@@ -87,6 +96,106 @@ void row(const Job& j, size_t index, std::vector<float>& scores) {
         out[d] = acc * inv;
       }
     }
+  }
+}
+
+// Lane sums of 8 registers: lane i of the result is the sum of a[i]'s 8 lanes, by one fixed tree
+// (pairs within each half, then each half's four, then the two halves).
+inline __m256 lane_sums8(const __m256* a) {
+  __m256 x[4];
+  for (int i = 0; i < 4; ++i)
+    x[i] = _mm256_add_ps(_mm256_shuffle_ps(a[2 * i], a[2 * i + 1], 0x44), _mm256_shuffle_ps(a[2 * i], a[2 * i + 1], 0xEE));
+  const __m256 y0 = _mm256_add_ps(_mm256_shuffle_ps(x[0], x[1], 0x88), _mm256_shuffle_ps(x[0], x[1], 0xDD));
+  const __m256 y1 = _mm256_add_ps(_mm256_shuffle_ps(x[2], x[3], 0x88), _mm256_shuffle_ps(x[2], x[3], 0xDD));
+  return _mm256_add_ps(_mm256_permute2f128_ps(y0, y1, 0x20), _mm256_permute2f128_ps(y0, y1, 0x31));
+}
+
+// The AVX2 form for D a multiple of 8: one task takes a block of rows, a few queries times a few
+// heads of one kv head, so every key and value row read from the cache serves all of them (one
+// row at a time re-read each cache row from L2 per head and query, and that traffic, not the
+// arithmetic, bound a prefill's attention). Each row's arithmetic is the same whatever block it
+// is in: its dots 8 keys at a time (key t in lane t mod 8, a chain over the 8-float chunks in its
+// own register, lane_sums8's tree), the softmax of row(), and its value rows accumulated in key
+// order, one chain per 8 floats; so a position's output does not depend on the call.
+constexpr int kKeysPerStep = 8;
+constexpr int kValueBlock = 16;  // value rows per pass over the block's rows
+
+void block8(const Job& j, size_t index, std::vector<float>& buf) {
+  const int D = j.D;
+  const int G = j.H / j.Hkv;
+  const int hgroups = j.H / j.heads_per_task;
+  const int sblocks = (j.S + j.queries_per_task - 1) / j.queries_per_task;
+  const int h0 = static_cast<int>(index % hgroups) * j.heads_per_task;
+  const int s0 = static_cast<int>((index / hgroups) % sblocks) * j.queries_per_task;
+  const int b = static_cast<int>(index / (static_cast<size_t>(hgroups) * sblocks));
+  const int nh = j.heads_per_task;
+  const int nq = std::min(j.queries_per_task, j.S - s0);
+  const int R = nq * nh;  // row r: query s0 + r / nh, head h0 + r % nh
+  const int kvh = h0 / G;
+  const int nmax = static_cast<int>(j.start_pos) + s0 + nq;  // keys of the block's last query
+  const int ld = (nmax + kKeysPerStep - 1) / kKeysPerStep * kKeysPerStep + kKeysPerStep;
+  buf.resize(static_cast<size_t>(R) * (ld + D));
+  float* scores = buf.data();                           // [R, ld]
+  float* acc_buf = buf.data() + static_cast<size_t>(R) * ld;  // [R, D]
+  const size_t stride = static_cast<size_t>(j.Hkv) * D;
+  const float* k = j.k + static_cast<size_t>(b) * j.T * stride + static_cast<size_t>(kvh) * D;
+  const float* v = j.v + static_cast<size_t>(b) * j.T * stride + static_cast<size_t>(kvh) * D;
+  auto keys = [&](int r) { return static_cast<int>(j.start_pos) + s0 + r / nh + 1; };
+  auto offset = [&](int r) { return ((static_cast<size_t>(b) * j.S + s0 + r / nh) * j.H + h0 + r % nh) * D; };
+  // scores = scale * q . k_t
+  const __m256 scale = _mm256_set1_ps(j.scale);
+  for (int t0 = 0; t0 < nmax; t0 += kKeysPerStep) {
+    const float* kt[kKeysPerStep];
+    for (int i = 0; i < kKeysPerStep; ++i) kt[i] = k + static_cast<size_t>(std::min(t0 + i, nmax - 1)) * stride;  // past n: any valid row
+    for (int r = 0; r < R; ++r) {
+      if (t0 >= keys(r)) continue;
+      const float* q = j.q + offset(r);
+      __m256 acc[kKeysPerStep];
+      const __m256 q0 = _mm256_loadu_ps(q);
+      for (int i = 0; i < kKeysPerStep; ++i) acc[i] = _mm256_mul_ps(q0, _mm256_loadu_ps(kt[i]));
+      for (int d = 8; d < D; d += 8) {
+        const __m256 qd = _mm256_loadu_ps(q + d);
+        for (int i = 0; i < kKeysPerStep; ++i) acc[i] = _mm256_fmadd_ps(qd, _mm256_loadu_ps(kt[i] + d), acc[i]);
+      }
+      _mm256_storeu_ps(scores + static_cast<size_t>(r) * ld + t0, _mm256_mul_ps(lane_sums8(acc), scale));
+    }
+  }
+  // softmax numerators per row; the sums' reciprocals kept for the end
+  float inv[64];  // R <= 64 (queries_per_task * heads_per_task, bounded in sdpa_out)
+  for (int r = 0; r < R; ++r) inv[r] = softmax_numerators(scores + static_cast<size_t>(r) * ld, keys(r));
+  // out = sum_t p_t v_t / sum, the value rows in blocks that every row of the block uses in turn
+  std::fill(acc_buf, acc_buf + static_cast<size_t>(R) * D, 0.f);
+  for (int u0 = 0; u0 < nmax; u0 += kValueBlock) {
+    for (int r = 0; r < R; ++r) {
+      const int u1 = std::min(u0 + kValueBlock, keys(r));
+      if (u0 >= u1) continue;
+      const float* sr = scores + static_cast<size_t>(r) * ld;
+      float* ar = acc_buf + static_cast<size_t>(r) * D;
+      for (int d0 = 0; d0 < D; d0 += 64) {
+        if (D - d0 >= 64) {
+          __m256 acc[8];
+          for (int i = 0; i < 8; ++i) acc[i] = _mm256_loadu_ps(ar + d0 + 8 * i);
+          for (int u = u0; u < u1; ++u) {
+            const __m256 p = _mm256_set1_ps(sr[u]);
+            const float* vt = v + u * stride + d0;
+            for (int i = 0; i < 8; ++i) acc[i] = _mm256_fmadd_ps(p, _mm256_loadu_ps(vt + 8 * i), acc[i]);
+          }
+          for (int i = 0; i < 8; ++i) _mm256_storeu_ps(ar + d0 + 8 * i, acc[i]);
+        } else {
+          for (int d = d0; d < D; d += 8) {
+            __m256 acc = _mm256_loadu_ps(ar + d);
+            for (int u = u0; u < u1; ++u) acc = _mm256_fmadd_ps(_mm256_set1_ps(sr[u]), _mm256_loadu_ps(v + u * stride + d), acc);
+            _mm256_storeu_ps(ar + d, acc);
+          }
+        }
+      }
+    }
+  }
+  for (int r = 0; r < R; ++r) {
+    const __m256 vi = _mm256_set1_ps(inv[r]);
+    const float* ar = acc_buf + static_cast<size_t>(r) * D;
+    float* out = j.out + offset(r);
+    for (int d = 0; d < D; d += 8) _mm256_storeu_ps(out + d, _mm256_mul_ps(_mm256_loadu_ps(ar + d), vi));
   }
 }
 
@@ -192,13 +301,21 @@ bool use_avx512() {
 }
 const bool kAvx512 = use_avx512();
 
+// Which form computes a call (the same for every call with this D, so decode and prefill agree).
+enum class Form { kRow512, kBlock8, kRow };
+Form form_for(int D) {
+  if (kAvx512 && D % 16 == 0 && D <= 256) return Form::kRow512;
+  return D % 8 == 0 ? Form::kBlock8 : Form::kRow;
+}
+
 void task(void* arg, size_t index) {
   thread_local std::vector<float> scores;
   const Job& j = *static_cast<const Job*>(arg);
-  if (kAvx512 && j.D % 16 == 0 && j.D <= 256)
-    row512(j, index, scores);
-  else
-    row(j, index, scores);
+  switch (form_for(j.D)) {
+    case Form::kRow512: return row512(j, index, scores);
+    case Form::kBlock8: return block8(j, index, scores);
+    case Form::kRow: return row(j, index, scores);
+  }
 }
 
 void sdpa_out(KernelRuntimeContext& ctx, Span<EValue*> stack) {
@@ -217,7 +334,7 @@ void sdpa_out(KernelRuntimeContext& ctx, Span<EValue*> stack) {
   Job j{static_cast<int>(q.size(0)), static_cast<int>(q.size(1)), static_cast<int>(q.size(2)),
         static_cast<int>(k.size(2)), static_cast<int>(q.size(3)), static_cast<int>(k.size(1)),
         start_pos, static_cast<float>(scale), q.const_data_ptr<float>(), k.const_data_ptr<float>(),
-        v.const_data_ptr<float>(), nullptr};
+        v.const_data_ptr<float>(), nullptr, 1, 1};
   ET_KERNEL_CHECK_MSG(ctx, j.Hkv > 0 && j.H % j.Hkv == 0 && k.size(3) == j.D && v.size(1) == j.T &&
                                v.size(2) == j.Hkv && v.size(3) == j.D && k.size(0) == j.B && v.size(0) == j.B,
                       InvalidArgument, , "et_transformers::sdpa: cache shapes do not match q");
@@ -226,7 +343,19 @@ void sdpa_out(KernelRuntimeContext& ctx, Span<EValue*> stack) {
   ET_KERNEL_CHECK(ctx, executorch::runtime::resize_tensor(out, q.sizes()) == executorch::runtime::Error::Ok,
                   InvalidArgument, );
   j.out = out.mutable_data_ptr<float>();
-  run_tasks(task, &j, static_cast<size_t>(j.B) * j.S * j.H, true);
+  size_t tasks = static_cast<size_t>(j.B) * j.S * j.H;  // one row each
+  if (form_for(j.D) == Form::kBlock8) {
+    // Blocks of up to 4 queries x a kv head's query heads; a decode step with fewer such blocks
+    // than two per thread takes one head per task instead, so the threads stay busy.
+    const size_t threads = pool_threads();
+    j.queries_per_task = std::min(j.S, 4);
+    j.heads_per_task = j.H / j.Hkv;
+    if (j.heads_per_task > 16 ||
+        static_cast<size_t>(j.B) * j.Hkv * ((j.S + j.queries_per_task - 1) / j.queries_per_task) < 2 * threads)
+      j.heads_per_task = 1;
+    tasks = static_cast<size_t>(j.B) * (j.H / j.heads_per_task) * ((j.S + j.queries_per_task - 1) / j.queries_per_task);
+  }
+  run_tasks(task, &j, tasks, true);
 }
 
 const executorch::runtime::Kernel kKernel("et_transformers::sdpa.out", sdpa_out);
