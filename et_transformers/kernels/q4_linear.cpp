@@ -30,8 +30,9 @@ constexpr int kRows = 8;
 constexpr int kBlockBytes = kRows * kBlock / 2;  // 8 rows x 32 inputs, two per byte
 
 // Quantize one row of K floats into K/32 int8 blocks: scale = max|x| / 127, q = nearest-even(x * (1 /
-// scale)) (the conversion's default rounding), and the blocks' sums (for the weights' +8 offset).
-void quantize_row(const float* x, int K, int8_t* q, float* scale, int32_t* sum) {
+// scale)) (the conversion's default rounding), and 8 times the blocks' sums (the correction for
+// the weights' +8 offset, ready to subtract: one broadcast load per row and block in the GEMM).
+void quantize_row(const float* x, int K, int8_t* q, float* scale, int32_t* sum8) {
   const __m256 sign = _mm256_set1_ps(-0.f);
   const __m256i order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
   for (int b = 0; b < K / kBlock; ++b) {
@@ -60,7 +61,7 @@ void quantize_row(const float* x, int K, int8_t* q, float* scale, int32_t* sum) 
     const __m256i i8 = _mm256_permutevar8x32_epi32(_mm256_packs_epi16(i16a, i16b), order);
     _mm256_storeu_si256(reinterpret_cast<__m256i*>(q + b * kBlock), i8);
     scale[b] = d;
-    sum[b] = _mm_cvtsi128_si32(t);
+    sum8[b] = 8 * _mm_cvtsi128_si32(t);
   }
 }
 
@@ -70,7 +71,7 @@ struct Job {
   const uint16_t* s;
   const int8_t* xq;    // [M, K]
   const float* xs;     // [M, K/32]
-  const int32_t* xsum; // [M, K/32]
+  const int32_t* xsum8; // [M, K/32]: 8 x each block's sum
   float* y;            // [M, N]
   size_t groups_per_task;
   const int* rows;     // the rows to compute (the others are all zero: their outputs are +0)
@@ -123,7 +124,7 @@ void task(void* arg, size_t t) {
           const int8_t* x = j.xq + row * kBlock;
           __m256i s16 = _mm256_maddubs_epi16(w[0], broadcast_quad(x));
           for (int q = 1; q < 8; ++q) s16 = _mm256_add_epi16(s16, _mm256_maddubs_epi16(w[q], broadcast_quad(x + 4 * q)));
-          const __m256i dot = _mm256_sub_epi32(_mm256_madd_epi16(s16, ones), _mm256_set1_epi32(8 * j.xsum[row]));
+          const __m256i dot = _mm256_sub_epi32(_mm256_madd_epi16(s16, ones), _mm256_set1_epi32(j.xsum8[row]));
           const __m256 sc = _mm256_mul_ps(ws, _mm256_set1_ps(j.xs[row]));
           acc[i] = _mm256_add_ps(acc[i], _mm256_mul_ps(_mm256_cvtepi32_ps(dot), sc));  // the reference rounds twice too
         }
@@ -245,7 +246,7 @@ ET_VNNI512 void vnni_tile(const Job& j, size_t g, const int* rows, int tile) {
       // two chains per register (a short dependency chain for the one-row decode step), each
       // started from half the weights' +8 offset correction: exact integers in any order
       typename L::I d0[NV], d1[NV];
-      const typename L::I offset = L::set1(-4 * j.xsum[row]);
+      const typename L::I offset = L::set1(-(j.xsum8[row] / 2));
       for (int v = 0; v < NV; ++v) d0[v] = d1[v] = offset;
       for (int q = 0; q < 8; q += 2) {
         const typename L::I x0 = L::set1(quad(x + 4 * q)), x1 = L::set1(quad(x + 4 * q + 4));
