@@ -100,6 +100,7 @@ RECIPE_PLANS = {
     "xnnpack-q4_0": (("q4_0", None), ("q4_0", None), ("q4_0", None), "8w"),  # q4_0 has its fixed block of 32
     "xnnpack-q4_0-head8": (("q4_0", None), ("q4_0", None), ("8da8w", None), "8w"),
     "portable-fp32": ((None, None), (None, None), (None, None), None),
+    "openvino-fp32": ((None, None), (None, None), (None, None), None),
 }
 
 
