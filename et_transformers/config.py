@@ -51,10 +51,12 @@ BACKEND_TITLES: dict[str, str] = {"xnnpack": "XNNPACK", "portable": "portable ke
 #: (``get_max_seq_len`` = 1; prompts are prefilled a token at a time), and returns one position's logits.
 SINGLE_TOKEN_BACKENDS: tuple[str, ...] = ("openvino",)
 
-#: Linear-layer schemes each backend quantizes with its own quantizer when it comes first (the
-#: others are ExecuTorch's quantized-op vocabulary, for XNNPACK and the portable kernels): OpenVINO
-#: compresses weights with NNCF (``"4w"``: int4 symmetric in groups, ``"8w"``: int8 per channel).
-BACKEND_QUANTIZER_SCHEMES: dict[str, tuple[str, ...]] = {"openvino": ("4w", "8w")}
+#: OpenVINO quantizes with its own weight compression (NNCF) when it comes first, and NNCF treats the
+#: embedding and the head as one pair ("first and last layers"): the ``(qlinear, head scheme,
+#: qembedding)`` combinations it makes. ``"4w"``: int4 symmetric in groups of ``qlinear_group_size``;
+#: ``"8w"``: int8 asymmetric per output channel. ``("4w", "8w", "8w")`` is NNCF's default (and
+#: ExecuTorch's OpenVINO LLM recipe's); ``("4w", "4w", "4w")`` is its ``all_layers=True``.
+OPENVINO_COMPRESSIONS: tuple[tuple[str, str, str], ...] = (("4w", "8w", "8w"), ("4w", "4w", "4w"), ("8w", "8w", "8w"))
 
 #: Linear-layer quantization schemes: 8-bit dynamic activations with 4- or 8-bit weights, or weight-only
 #: (ExecuTorch's kernels), or ``"q4_0"``: int4 weights in groups of 32 times int8 activations per block
@@ -165,7 +167,7 @@ def _check_openvino_support(cfg: "ExportConfig") -> None:
 
     The OpenVINO delegate runs one token per call (:data:`SINGLE_TOKEN_BACKENDS`), so a wider head
     has nothing to verify. When OpenVINO comes first, quantization is its own (NNCF weight
-    compression, :data:`BACKEND_QUANTIZER_SCHEMES`): the 8-bit-activation schemes and ``q4_0`` are
+    compression, :data:`OPENVINO_COMPRESSIONS`): the 8-bit-activation schemes and ``q4_0`` are
     XNNPACK's and our kernels' vocabulary, and only float32 activations were verified token for token.
     """
     k = cfg.verify_tokens
@@ -179,21 +181,34 @@ def _check_openvino_support(cfg: "ExportConfig") -> None:
     if cfg.dtype != "float32":
         raise InvalidConfigError(
             f"dtype={cfg.dtype!r} is not supported with backend={cfg.backend!r} first: only float32 programs were "
-            f"verified on OpenVINO. Use dtype='float32' (qlinear='4w' for smaller weights), or backend='xnnpack'."
+            f"verified on OpenVINO. Use dtype='float32' (recipe 'openvino-4w' for smaller weights), or backend='xnnpack'."
         )
-    own = BACKEND_QUANTIZER_SCHEMES["openvino"]
-    for field, value in (("qlinear", cfg.qlinear), ("qhead", cfg.head_scheme)):
-        if value is not None and value not in own:
-            raise InvalidConfigError(
-                f"{field}={value!r} cannot run with backend={cfg.backend!r} first: OpenVINO quantizes with its own "
-                f"weight compression (NNCF), whose schemes are {list(own)}. Use {field}='4w' or '8w', or "
-                f"put 'xnnpack' first."
-            )
-    for field in ("qlinear_8bit", "qembedding", "kv_cache_dtype"):
+    wanted = (cfg.qlinear, cfg.head_scheme, cfg.qembedding)
+    if cfg.qlinear is not None and wanted not in OPENVINO_COMPRESSIONS:
+        raise InvalidConfigError(
+            f"qlinear={cfg.qlinear!r}, head {cfg.head_scheme!r}, qembedding={cfg.qembedding!r} is not a weight "
+            f"compression OpenVINO makes (backend={cfg.backend!r} first; NNCF quantizes linear layers, and the "
+            f"embedding and head as a pair). Use one of (qlinear, qhead, qembedding) = "
+            f"{[tuple(c) for c in OPENVINO_COMPRESSIONS]} (recipe 'openvino-4w' is the first), or put 'xnnpack' first."
+        )
+    if cfg.qlinear is None and (cfg.qembedding or cfg.head_scheme):
+        field = "qembedding" if cfg.qembedding else "qhead"
+        raise InvalidConfigError(
+            f"{field}={getattr(cfg, field)!r} needs qlinear with backend={cfg.backend!r} first: OpenVINO compresses "
+            f"the embedding and head together with the linear layers. Set qlinear='4w' (recipe 'openvino-4w'), "
+            f"or leave {field} out."
+        )
+    if cfg.qembedding_group_size is not None:
+        raise InvalidConfigError(
+            f"qembedding_group_size={cfg.qembedding_group_size} cannot apply with backend={cfg.backend!r} first: "
+            f"OpenVINO compresses the embedding per channel, or in qlinear_group_size groups with qembedding='4w'. "
+            f"Leave it out."
+        )
+    for field in ("qlinear_8bit", "kv_cache_dtype"):
         if getattr(cfg, field):
             raise InvalidConfigError(
-                f"{field}={getattr(cfg, field)!r} is not supported with backend={cfg.backend!r} first: OpenVINO's "
-                f"weight compression covers linear layers only. Leave {field} out, or put 'xnnpack' first."
+                f"{field}={getattr(cfg, field)!r} is not supported with backend={cfg.backend!r} first (not "
+                f"verified on OpenVINO). Leave {field} out, or put 'xnnpack' first."
             )
 
 
@@ -533,6 +548,8 @@ RECIPES: dict[str, dict[str, Any]] = {
     # OpenVINO (pip install "et-transformers[openvino]"): one token per call; attention and the KV
     # cache stay on ExecuTorch's kernels between OpenVINO subgraphs (see export/backends.py)
     "openvino-fp32": {"backend": "openvino"},
+    # NNCF weight compression: int4 linears in groups of 128, int8 embedding and head
+    "openvino-4w": {"backend": "openvino", "qlinear": "4w", "qhead": "8w", "qembedding": "8w"},
 }
 #: The default where our kernels cannot run here (another CPU or OS, no C++ compiler), and for
 #: programs that must run on a stock ExecuTorch runtime (phones, the C++ runner without us).

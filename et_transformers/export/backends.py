@@ -32,8 +32,10 @@ class Backend:
         partitioners: ``config -> [partitioner, ...]``, in the order they are applied.
         keep_ops: ``() -> ops`` kept whole through ``to_edge`` when this backend comes first (the
             ones its partitioner matches undecomposed).
-        quantizer: ``config -> graph quantizer or None``: the backend's own quantization of the
-            exported graph (``None``: it has none; ``quantize_model``'s source transforms serve it).
+        quantizer: the backend's own quantization, of the exported graph, when it comes first:
+            ``config -> (graph module -> (compressed graph module, report))``, or ``None`` when the
+            config asks none. ``None`` here: the backend has none, and ``quantize_model``'s source
+            transforms (ExecuTorch's quantized-op vocabulary) serve it.
     """
 
     name: str
@@ -72,6 +74,14 @@ def _openvino_partitioners(cfg: ExportConfig) -> list:
     return [OpenvinoLLMPartitioner(OPENVINO_DEVICE)]
 
 
+def _openvino_quantizer(cfg: ExportConfig):
+    if cfg.qlinear is None:
+        return None
+    from .openvino import compress_weights
+
+    return lambda gm: compress_weights(gm, cfg)
+
+
 def _openvino_keep_ops() -> tuple:
     # NNCF's int4 weights unpack through aten.stack, which the partitioner matches whole.
     return (torch.ops.aten.stack.default,)
@@ -81,7 +91,7 @@ def _openvino_keep_ops() -> tuple:
 BACKEND_TABLE: dict[str, Backend] = {
     "xnnpack": Backend("xnnpack", "XnnpackBackend", _xnnpack_partitioners, _xnnpack_keep_ops),
     "portable": Backend("portable", None, lambda cfg: []),
-    "openvino": Backend("openvino", "OpenvinoBackend", _openvino_partitioners, _openvino_keep_ops),
+    "openvino": Backend("openvino", "OpenvinoBackend", _openvino_partitioners, _openvino_keep_ops, _openvino_quantizer),
 }
 assert tuple(BACKEND_TABLE) == BACKENDS, "export.backends.BACKEND_TABLE and config.BACKENDS name the same backends"
 
@@ -109,3 +119,15 @@ def partitioners_for(cfg: ExportConfig) -> list:
 def keep_ops_for(cfg: ExportConfig) -> list:
     """Operators ``to_edge`` keeps whole: the first backend's (the later ones take what is left)."""
     return list(BACKEND_TABLE[cfg.backends[0]].keep_ops())
+
+
+def quantizes_graph(cfg: ExportConfig) -> bool:
+    """Whether ``cfg``'s first backend brings its own (graph) quantizer, which then replaces the
+    source-level quantization of :func:`.quantize.quantize_model`."""
+    return BACKEND_TABLE[cfg.backends[0]].quantizer is not None
+
+
+def graph_quantizer_for(cfg: ExportConfig):
+    """The first backend's graph quantizer for ``cfg`` (see :class:`Backend`), or ``None``."""
+    make = BACKEND_TABLE[cfg.backends[0]].quantizer
+    return make(cfg) if make else None

@@ -36,7 +36,7 @@ from ..hub import ModelSource, resolve
 from ..manifest import ETRECORD_NAME, PTE_NAME, Manifest, sha256_file
 from .layer_ops import apply_layer_ops
 from .loading import LoadedModel, load_model
-from .backends import keep_ops_for, partitioners_for
+from .backends import graph_quantizer_for, keep_ops_for, partitioners_for, quantizes_graph
 from .lowering import lower
 from .passes import apply_xnnpack_friendly_rewrites
 from .quantize import float_layer_weights, quantize_model
@@ -156,13 +156,30 @@ class Exporter:
     # -- stages ------------------------------------------------------------------------------
 
     def load(self) -> "Exporter":
-        """Load model, tokenizer and configs (float32, eval mode); checks the architecture first."""
+        """Load model, tokenizer and configs (float32, eval mode); checks the architecture first.
+
+        Raises:
+            ExportError: the model cannot run as the one-token program the backend makes.
+        """
         with self._stage("load"):
             self.loaded = load_model(
                 self.source, trust_remote_code=self.trust_remote_code, max_seq_len=self.export_config.max_seq_len
             )
+            self._check_one_token_calls()
             self.module = self.loaded.model
         return self
+
+    def _check_one_token_calls(self) -> None:
+        """A model that must rebuild its KV cache in one whole-sequence call (Phi-3's longrope past its
+        original context) cannot run as a one-token program (``ExportConfig.tokens_per_call``)."""
+        cfg, loaded = self.export_config, self.loaded
+        rebuild = cache_rebuild_length(loaded.architecture, loaded.config, cfg.max_seq_len)
+        if rebuild is not None and cfg.tokens_per_call < cfg.max_seq_len:
+            raise ExportError(
+                f"{self.source.name} switches its rotary factors for every position once a sequence passes "
+                f"{rebuild} tokens, which needs one call over the whole sequence, and backend={cfg.backend!r} "
+                f"runs one token per call. Export with max_seq_len={rebuild} (or less), or with backend='xnnpack'."
+            )
 
     def source_transform(self, transforms: Sequence[Callable[[nn.Module], nn.Module]] = ()) -> "Exporter":
         """Apply ``transforms`` to the transformers model, then wrap it for export.
@@ -202,16 +219,20 @@ class Exporter:
             raise ExportError("run the 'source_transform' stage before 'to_dtype'.")
         cfg = self.export_config
         with self._stage("to_dtype"):
-            deferred = float_layer_weights(module) if (cfg.qlinear or cfg.qembedding) else []
+            source_quantized = (cfg.qlinear or cfg.qembedding) and not quantizes_graph(cfg)
+            deferred = float_layer_weights(module) if source_quantized else []
             module.to_dtype(cfg.torch_dtype, skip=deferred)
         return self
 
     def quantize(self) -> "Exporter":
         """Quantize linear and embedding layers as ``export_config`` asks (no-op when it asks none),
-        casting each to ``export_config.dtype`` first."""
+        casting each to ``export_config.dtype`` first. A backend with its own quantizer (OpenVINO
+        first) quantizes the exported graph in :meth:`export` instead."""
         module = self._require("module", "source_transform")
         cfg = self.export_config
         with self._stage("quantize"):
+            if quantizes_graph(cfg):
+                return self
             importance = None
             if "q4_0" in (cfg.qlinear, cfg.head_scheme):  # its scales are searched against real inputs
                 ids = calibration_ids(self.loaded.tokenizer, int(self.loaded.config.get_text_config().vocab_size),
@@ -243,7 +264,8 @@ class Exporter:
         """``torch.export`` the module once, with a dynamic prompt length.
 
         RoPE runs as a matmul while tracing (see :mod:`.rope`) and the XNNPACK-friendly graph
-        rewrites of :mod:`.passes` are applied. The program is left unfunctionalized: lowering
+        rewrites of :mod:`.passes` are applied. When the first backend has its own quantizer
+        (:func:`.backends.graph_quantizer_for`), it compresses the traced module, which is traced again. The program is left unfunctionalized: lowering
         functionalizes it anyway, and doing it twice costs minutes on real models.
         """
         module = self._require("module", "source_transform")
@@ -251,6 +273,10 @@ class Exporter:
             ep = torch.export.export(
                 module, self.example_inputs(), dynamic_shapes=self.dynamic_shapes(), strict=False
             )
+            compress = graph_quantizer_for(self.export_config)
+            if compress is not None:  # the backend's own quantizer rewrites the graph: trace it again
+                gm, self.quantization_report = compress(ep.module())
+                ep = torch.export.export(gm, self.example_inputs(), dynamic_shapes=self.dynamic_shapes(), strict=False)
             self.exported_program = apply_xnnpack_friendly_rewrites(ep)
         return self
 
