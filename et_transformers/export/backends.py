@@ -102,16 +102,17 @@ def partitioners_for(cfg: ExportConfig) -> list:
     Raises:
         ExportError: a backend's export package is missing (the message says what to install).
     """
+    from ..delegates import DELEGATES
     from ..errors import ExportError
 
     parts = []
     for name in cfg.backends:
+        backend = BACKEND_TABLE[name]
         try:
-            parts += BACKEND_TABLE[name].partitioners(cfg)
+            parts += backend.partitioners(cfg)
         except ImportError as e:
             raise ExportError(
-                f"backend {name!r} cannot be exported to here: {e}. Install it with "
-                f"pip install \"et-transformers[{name}]\"."
+                f"backend {name!r} cannot be exported to here ({e}): {DELEGATES[backend.delegate_id].install}."
             ) from e
     return parts
 
