@@ -53,7 +53,8 @@ SINGLE_TOKEN_BACKENDS: tuple[str, ...] = ("openvino",)
 
 #: OpenVINO quantizes with its own weight compression (NNCF) when it comes first, and NNCF treats the
 #: embedding and the head as one pair ("first and last layers"): the ``(qlinear, head scheme,
-#: qembedding)`` combinations it makes. ``"4w"``: int4 symmetric in groups of ``qlinear_group_size``;
+#: qembedding)`` combinations it makes. ``"4w"``: int4 symmetric in groups of ``qlinear_group_size``
+#: (smaller for a layer whose inputs it does not divide, see ``export/openvino.py``);
 #: ``"8w"``: int8 asymmetric per output channel. ``("4w", "8w", "8w")`` is NNCF's default (and
 #: ExecuTorch's OpenVINO LLM recipe's); ``("4w", "4w", "4w")`` is its ``all_layers=True``.
 OPENVINO_COMPRESSIONS: tuple[tuple[str, str, str], ...] = (("4w", "8w", "8w"), ("4w", "4w", "4w"), ("8w", "8w", "8w"))

@@ -47,6 +47,9 @@ logger = logging.getLogger(__name__)
 #: Device OpenVINO compiles the subgraphs for (a compile spec the runtime reads again).
 OPENVINO_DEVICE = "CPU"
 
+#: Smallest int4 group a layer's group is reduced to when ``qlinear_group_size`` does not divide its inputs.
+MIN_ADJUSTED_GROUP = 32
+
 
 def _outputs(node: torch.fx.Node) -> list:
     value = node.meta.get("val")
@@ -143,8 +146,10 @@ class OpenvinoLLMPartitioner(Partitioner):
 
 def compress_weights(gm: torch.fx.GraphModule, cfg: ExportConfig) -> tuple[torch.fx.GraphModule, dict]:
     """Compress the weights of the exported module ``gm`` as ``cfg`` asks (see
-    ``config.OPENVINO_COMPRESSIONS``): int4 symmetric in ``qlinear_group_size`` groups, or int8
-    asymmetric per channel; the embedding and head in 8 bits unless they follow ``qlinear``.
+    ``config.OPENVINO_COMPRESSIONS``): int4 symmetric in ``qlinear_group_size`` groups (a layer whose
+    input size that does not divide in the largest power-of-two group that does, at least
+    :data:`MIN_ADJUSTED_GROUP`, else int8), or int8 asymmetric per channel; the embedding and head
+    in 8 bits unless they follow ``qlinear``.
 
     Args:
         gm: ``ExportedProgram.module()`` of the program to compress.
@@ -166,7 +171,13 @@ def compress_weights(gm: torch.fx.GraphModule, cfg: ExportConfig) -> tuple[torch
         params = {"mode": QuantizationMode.INT4WO_SYM, "group_size": cfg.qlinear_group_size or -1, "ratio": 1}
     else:
         params = {"mode": QuantizationMode.INT8WO_ASYM, "group_size": -1, "ratio": None}
-    quantizer = OpenVINOQuantizer(**params, all_layers=all_layers)
+    # A layer whose input size the group does not divide gets the largest power-of-two group that
+    # does (at least 32), else int8 per channel: NNCF's ADJUST (SmolLM2's 576 inputs take 64 for 128).
+    advanced = nncf.AdvancedCompressionParameters(
+        group_size_fallback_mode=nncf.quantization.advanced_parameters.GroupSizeFallbackMode.ADJUST,
+        min_adjusted_group_size=MIN_ADJUSTED_GROUP,
+    )
+    quantizer = OpenVINOQuantizer(**params, all_layers=all_layers, advanced_parameters=advanced)
     try:
         compressed = compress_pt2e(gm, quantizer=quantizer)
     except nncf.errors.InvalidGroupSizeError as e:
