@@ -172,6 +172,23 @@ def test_openvino_4bit_program_runs_the_nncf_compressed_graph(exported, tmp_path
     assert got[0, prompt.shape[-1]:].tolist() == expected
 
 
+@needs_openvino
+def test_openvino_int4_groups_shrink_for_layers_they_do_not_divide(tmp_path):
+    from et_transformers.export import Exporter
+    from et_transformers.export.openvino import compress_weights
+
+    source = tiny.make_model_dir(tmp_path / "wide", tiny.llama_config(hidden_size=96))  # q_proj: 96 inputs
+    cfg = recipe("openvino-4w", max_seq_len=16, qlinear_group_size=64)
+    exporter = Exporter.from_pretrained(source, cfg, progress=False).load().source_transform().to_dtype().quantize()
+    with torch.no_grad(), exporter.module.for_export():
+        ep = torch.export.export(exporter.module, exporter.example_inputs(), dynamic_shapes=None, strict=False)
+    compressed, _ = compress_weights(ep.module(), cfg)
+    scales = {name.split("layers_0_")[-1]: tuple(module._scale.shape) for name, module in compressed.named_children()
+              if "layers_0_" in name}
+    assert scales["self_attn_q_proj_weight"] == (96, 3, 1)  # 96 = 3 groups of 32 (64 does not divide it)
+    assert scales["mlp_down_proj_weight"] == (96, 2, 1)  # 128 inputs: 2 groups of the asked 64
+
+
 # -- a runtime without the program's backend ---------------------------------------------------------
 
 

@@ -40,7 +40,6 @@ from torch.fx.passes.infra.partitioner import CapabilityBasedPartitioner
 from torch.fx.passes.operator_support import OperatorSupportBase
 
 from ..config import ExportConfig
-from ..errors import ExportError
 
 logger = logging.getLogger(__name__)
 
@@ -157,9 +156,6 @@ def compress_weights(gm: torch.fx.GraphModule, cfg: ExportConfig) -> tuple[torch
 
     Returns:
         The compressed module, and a report for the manifest.
-
-    Raises:
-        ExportError: the group size does not divide a layer's input size.
     """
     from executorch.backends.openvino.quantizer import OpenVINOQuantizer, QuantizationMode
     import nncf
@@ -178,14 +174,7 @@ def compress_weights(gm: torch.fx.GraphModule, cfg: ExportConfig) -> tuple[torch
         min_adjusted_group_size=MIN_ADJUSTED_GROUP,
     )
     quantizer = OpenVINOQuantizer(**params, all_layers=all_layers, advanced_parameters=advanced)
-    try:
-        compressed = compress_pt2e(gm, quantizer=quantizer)
-    except nncf.errors.InvalidGroupSizeError as e:
-        raise ExportError(
-            f"qlinear_group_size={cfg.qlinear_group_size} does not divide the input size of every linear layer, "
-            f"which OpenVINO's int4 compression needs ({e}). Use a smaller power of two (e.g. 32), or None "
-            f"(one scale per output channel)."
-        ) from e
+    compressed = compress_pt2e(gm, quantizer=quantizer)
     decompressors = sum(1 for name, _ in compressed.named_children() if "weights_decompressor" in name)
     report = {
         "quantizer": "nncf.compress_pt2e (OpenVINOQuantizer)",
