@@ -37,13 +37,16 @@ DTYPES: dict[str, str] = {
 
 #: Backends a program can be lowered to: XNNPACK (CPU kernels for float and 8-bit-activation quantized
 #: layers), ``portable`` (no delegate: ExecuTorch's own kernels run everything) and OpenVINO (Intel's
-#: runtime, CPU here; ``pip install "et-transformers[openvino]"``). ``ExportConfig.backend`` takes one
-#: name or an ordered tuple of delegating ones; which partitioners each maps to is the table in
-#: :mod:`et_transformers.export.backends`.
-BACKENDS: tuple[str, ...] = ("xnnpack", "portable", "openvino")
+#: runtime, CPU here; ``pip install "et-transformers[openvino]"``) and Vulkan (GPUs through Vulkan
+#: compute; exported here, run by ExecuTorch builds with Vulkan, which no pip wheel is).
+#: ``ExportConfig.backend`` takes one name or an ordered tuple of delegating ones; which partitioners
+#: each maps to is the table in :mod:`et_transformers.export.backends`.
+BACKENDS: tuple[str, ...] = ("xnnpack", "portable", "openvino", "vulkan")
 
 #: How each backend is called in text (model cards, ``inspect``).
-BACKEND_TITLES: dict[str, str] = {"xnnpack": "XNNPACK", "portable": "portable kernels", "openvino": "OpenVINO"}
+BACKEND_TITLES: dict[str, str] = {
+    "xnnpack": "XNNPACK", "portable": "portable kernels", "openvino": "OpenVINO", "vulkan": "Vulkan",
+}
 
 #: Backends whose ExecuTorch runtime cannot run a delegate with dynamic shapes (the OpenVINO delegate
 #: binds ExecuTorch's tensors as they are planned, never resizes its outputs, and fails on them
@@ -213,6 +216,23 @@ def _check_openvino_support(cfg: "ExportConfig") -> None:
             )
 
 
+def _check_vulkan_support(cfg: "ExportConfig") -> None:
+    """Vulkan first: float32 and no quantization (ExecuTorch's LLM helper asserts fp32 for Vulkan, and
+    nothing else could be verified here, where no runtime has Vulkan)."""
+    if cfg.dtype != "float32":
+        raise InvalidConfigError(
+            f"dtype={cfg.dtype!r} is not supported with backend={cfg.backend!r} first: ExecuTorch lowers LLMs to "
+            f"Vulkan in float32 only. Use dtype='float32'."
+        )
+    for field in ("qlinear", "qembedding", "qlinear_8bit", "kv_cache_dtype"):
+        if getattr(cfg, field):
+            raise InvalidConfigError(
+                f"{field}={getattr(cfg, field)!r} is not supported with backend={cfg.backend!r} first: only float "
+                f"Vulkan programs are built (none can be run or verified here). Leave {field} out, or put "
+                f"'xnnpack' first."
+            )
+
+
 def _check_backend_support(cfg: "ExportConfig") -> None:
     """Refuse combinations the backend cannot run as asked (rather than quietly running float).
 
@@ -234,7 +254,9 @@ def _check_backend_support(cfg: "ExportConfig") -> None:
         )
     if any(b in SINGLE_TOKEN_BACKENDS for b in cfg.backends):
         _check_openvino_support(cfg)
-    if cfg.backends[0] == "openvino":
+    if cfg.backends[0] == "vulkan":
+        _check_vulkan_support(cfg)
+    if cfg.backends[0] in ("openvino", "vulkan"):
         return
     if cfg.backends[0] == "xnnpack":
         if cfg.qhead in ("4w", "8w"):
@@ -280,7 +302,8 @@ class ExportConfig:
         dtype: Weights and activations dtype: ``"float32"``, ``"bfloat16"`` or ``"float16"``
             (``"fp32"``, ``"bf16"``, ``"fp16"`` are accepted and normalised).
         backend: ``"xnnpack"`` (default; delegates to XNNPACK), ``"portable"`` (no delegate) or
-            ``"openvino"`` (OpenVINO delegates; one token per call), or an ordered tuple of the
+            ``"openvino"`` (OpenVINO delegates; one token per call), ``"vulkan"`` (float32 only; runs
+            on ExecuTorch builds with Vulkan, not here), or an ordered tuple of the
             delegating ones, e.g. ``("openvino", "xnnpack")``: each backend's partitioners are offered
             the graph in that order, so the first takes every operator it supports and the next gets
             what is left. The quantization fields are for the first backend. A one-name tuple is
@@ -421,7 +444,8 @@ class ExportConfig:
         object.__setattr__(self, "qhead", qhead)
         four_bit = [s for s in dict.fromkeys((qlinear, self.head_scheme)) if s in FOUR_BIT_SCHEMES]
         if gs == AUTO:
-            gs = DEFAULT_GROUP_SIZE[self.backends[0]] if four_bit else None
+            # a backend without an entry has no 4-bit scheme: _check_backend_support refuses it
+            gs = DEFAULT_GROUP_SIZE.get(self.backends[0]) if four_bit else None
         elif gs is not None and not four_bit:
             raise _NoEffectError(
                 "qlinear_group_size",
@@ -551,6 +575,8 @@ RECIPES: dict[str, dict[str, Any]] = {
     "openvino-fp32": {"backend": "openvino"},
     # NNCF weight compression: int4 linears in groups of 128, int8 embedding and head
     "openvino-4w": {"backend": "openvino", "qlinear": "4w", "qhead": "8w", "qembedding": "8w"},
+    # Vulkan GPUs: exported here, run elsewhere (no pip wheel's runtime has Vulkan)
+    "vulkan-fp32": {"backend": "vulkan"},
 }
 #: The default where our kernels cannot run here (another CPU or OS, no C++ compiler), and for
 #: programs that must run on a stock ExecuTorch runtime (phones, the C++ runner without us).

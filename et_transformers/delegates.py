@@ -90,6 +90,11 @@ DELEGATES: dict[str, DelegateRuntime] = {
         "openvino", f"{OPENVINO_INSTALL} (an ExecuTorch runtime built with OpenVINO: the Linux x86-64 wheel)",
         locate_openvino,
     ),
+    # No executorch pip wheel registers Vulkan: its programs run on an Android/desktop build with it.
+    "VulkanBackend": DelegateRuntime(
+        "vulkan", "run it with an ExecuTorch runtime built with Vulkan (EXECUTORCH_BUILD_VULKAN=ON, e.g. an "
+                  "Android app); no executorch pip wheel includes it",
+    ),
 }
 
 
@@ -165,6 +170,24 @@ def program_delegate_ids(path: str | os.PathLike) -> tuple[str, ...]:
     return tuple(ids)
 
 
+def _require(delegate_id: str, registered: frozenset[str], what: str) -> None:
+    """Raise unless this runtime can run ``delegate_id`` delegates (``what`` names who needs them)."""
+    known = DELEGATES.get(delegate_id)
+    name = f"{delegate_id} (backend {known.backend!r})" if known else delegate_id
+    if delegate_id not in registered:
+        fix = (known.install if known
+               else "use an ExecuTorch runtime built with that backend, or export the model again for one this runtime has")
+        raise ProgramError(
+            f"{what} has {name} delegates, which this ExecuTorch runtime does not include (it registers "
+            f"{sorted(registered) or 'no delegate backends'}): {fix}."
+        )
+    if known and known.locate and known.locate() is None:
+        raise ProgramError(
+            f"{what} has {name} delegates, and this runtime's {delegate_id} needs its native library, which "
+            f"is not installed: {known.install}."
+        )
+
+
 def prepare_delegates(path: str | os.PathLike, registered: frozenset[str] | None = None) -> tuple[str, ...]:
     """Check that this runtime has every delegate backend the program at ``path`` uses, and make
     their native libraries findable; call it before the program loads.
@@ -181,22 +204,23 @@ def prepare_delegates(path: str | os.PathLike, registered: frozenset[str] | None
             message names the backend and what to install.
     """
     ids = program_delegate_ids(path)
-    if not ids:
-        return ids
-    registered = registered_backends() if registered is None else registered
-    for delegate_id in ids:
-        known = DELEGATES.get(delegate_id)
-        name = f"{delegate_id} (backend {known.backend!r})" if known else delegate_id
-        if delegate_id not in registered:
-            fix = (known.install if known
-                   else "use an ExecuTorch runtime built with that backend, or export the model again for one this runtime has")
-            raise ProgramError(
-                f"{path} has {name} delegates, which this ExecuTorch runtime does not include (it registers "
-                f"{sorted(registered) or 'no delegate backends'}): {fix}."
-            )
-        if known and known.locate and known.locate() is None:
-            raise ProgramError(
-                f"{path} has {name} delegates, and this runtime's {delegate_id} needs its native library, which "
-                f"is not installed: {known.install}."
-            )
+    if ids:
+        registered = registered_backends() if registered is None else registered
+        for delegate_id in ids:
+            _require(delegate_id, registered, str(path))
     return ids
+
+
+def check_runnable(backends: tuple[str, ...], registered: frozenset[str] | None = None) -> None:
+    """Check, before an export meant to be loaded here, that this runtime can run ``backends``
+    (``ExportConfig.backends``); exporting for another device needs no such check.
+
+    Raises:
+        ProgramError: a backend whose delegates this runtime lacks (the message says what to install).
+    """
+    registered = registered_backends() if registered is None else registered
+    for delegate_id, runtime in DELEGATES.items():
+        if runtime.backend in backends:
+            what = (f"a program for backend={backends if len(backends) > 1 else backends[0]!r} (export_to_pte and "
+                    f"`et-transformers export` build one for another device)")
+            _require(delegate_id, registered, what)

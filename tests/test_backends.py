@@ -226,6 +226,44 @@ def test_the_openvino_library_is_found_in_the_package_without_env(monkeypatch):
     assert os.environ[delegates.OPENVINO_LIB_VAR] == str(found)  # what the delegate's dlopen reads
 
 
+# -- Vulkan: exported here, run elsewhere -------------------------------------------------------------
+
+
+def _vulkan_missing() -> str | None:
+    try:
+        from executorch.backends.vulkan.partitioner.vulkan_partitioner import VulkanPartitioner  # noqa: F401
+    except ImportError as e:
+        return f"the executorch wheel's Vulkan partitioner does not import here ({e})"
+    return None
+
+
+@pytest.mark.skipif(_vulkan_missing() is not None, reason=str(_vulkan_missing()))
+def test_vulkan_takes_the_whole_program_and_this_runtime_refuses_it_by_name(exported, tmp_path):
+    folder, _, exporter = exported("llama-llama3rope", "vulkan")
+    assert set(exporter.delegation_by_backend()) == {"VulkanBackend"}
+    table = exporter.delegation_table()
+    assert table["by_operator"]["llama_custom_sdpa_default"] == [2, 0]  # attention too, unlike OpenVINO
+    assert table["non_delegated_nodes"] <= 2
+    assert inspect_program(folder).delegates == {"VulkanBackend": 1}
+    if "VulkanBackend" in delegates.registered_backends():  # a runtime built with Vulkan runs it
+        ETModelForCausalLM.from_pretrained(folder)
+        return
+    with pytest.raises(ProgramError, match=r"VulkanBackend \(backend 'vulkan'\).*does not include.*built with Vulkan"):
+        ETModelForCausalLM.from_pretrained(folder)
+    with pytest.raises(ProgramError, match=r"a program for backend='vulkan' \(export_to_pte and `et-transformers "
+                                           r"export` build one for another device\)"):
+        ETModelForCausalLM.from_pretrained(folder.parent / "source", recipe="vulkan-fp32", cache_dir=tmp_path)
+    assert not any(tmp_path.rglob("model.pte"))  # refused before exporting
+
+
+def test_vulkan_programs_are_float_only():
+    with pytest.raises(InvalidConfigError, match=r"qlinear='8da4w' is not supported with backend='vulkan' first"):
+        ExportConfig(backend="vulkan", qlinear="8da4w")
+    with pytest.raises(InvalidConfigError, match=r"dtype='float16' is not supported with backend='vulkan' first"):
+        ExportConfig(backend="vulkan", dtype="float16")
+    assert ExportConfig(backend=("xnnpack", "vulkan"), qlinear="8da4w").qlinear_group_size == 32
+
+
 # -- configs ------------------------------------------------------------------------------------------
 
 
@@ -241,8 +279,8 @@ def test_backend_lists_are_ordered_and_one_name_keeps_the_old_key():
 
 
 @pytest.mark.parametrize("backend, message", [
-    ("cuda", r"'cuda' is not a supported backend; use one of \['xnnpack', 'portable', 'openvino'\]"),
-    (("openvino", "vulkan"), r"'vulkan' is not a supported backend"),
+    ("cuda", r"'cuda' is not a supported backend; use one of \['xnnpack', 'portable', 'openvino', 'vulkan'\]"),
+    (("openvino", "coreml"), r"'coreml' is not a supported backend"),
     (("xnnpack", "xnnpack"), r"names a backend twice"),
     (("xnnpack", "portable"), r"'portable' delegates nothing.*use backend='portable' alone"),
     ((), r"backend=\(\) is not valid: give one of"),

@@ -102,6 +102,7 @@ RECIPE_PLANS = {
     "portable-fp32": ((None, None), (None, None), (None, None), None),
     "openvino-fp32": ((None, None), (None, None), (None, None), None),
     "openvino-4w": (("4w", 128), ("4w", 128), ("8w", None), "8w"),  # what NNCF is asked for (export/openvino.py)
+    "vulkan-fp32": ((None, None), (None, None), (None, None), None),
 }
 
 

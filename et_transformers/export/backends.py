@@ -87,11 +87,26 @@ def _openvino_keep_ops() -> tuple:
     return (torch.ops.aten.stack.default,)
 
 
+# -- Vulkan ---------------------------------------------------------------------------------
+
+
+def _vulkan_partitioners(cfg: ExportConfig) -> list:
+    root = logging.getLogger()
+    level = root.level
+    try:  # importing it sets the root logger to INFO (vulkan_partitioner.py): undo that
+        from executorch.backends.vulkan.partitioner.vulkan_partitioner import VulkanPartitioner
+    finally:
+        root.setLevel(level)
+    # ExecuTorch's LLM helper's options: dynamic shapes only when the program has them
+    return [VulkanPartitioner({"require_dynamic_shapes": cfg.tokens_per_call > 1, "force_fp16": False})]
+
+
 #: The table: backend name -> how to lower to it. Keys are exactly ``config.BACKENDS``.
 BACKEND_TABLE: dict[str, Backend] = {
     "xnnpack": Backend("xnnpack", "XnnpackBackend", _xnnpack_partitioners, _xnnpack_keep_ops),
     "portable": Backend("portable", None, lambda cfg: []),
     "openvino": Backend("openvino", "OpenvinoBackend", _openvino_partitioners, _openvino_keep_ops, _openvino_quantizer),
+    "vulkan": Backend("vulkan", "VulkanBackend", _vulkan_partitioners),
 }
 assert tuple(BACKEND_TABLE) == BACKENDS, "export.backends.BACKEND_TABLE and config.BACKENDS name the same backends"
 
