@@ -62,12 +62,20 @@ def _group_size(text: str) -> int | str:
     return "none" if text.lower() in ("none", "channel", "per-channel") else int(text)
 
 
+def _backends(text: str) -> str | tuple[str, ...]:
+    """``--backend``: one name, or a comma-separated ordered list (a tuple; ``ExportConfig`` checks the names)."""
+    names = tuple(n.strip() for n in text.split(","))
+    return names[0] if len(names) == 1 else names
+
+
 def _add_export_options(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("export options (a recipe, then ExportConfig fields on top of it)")
     g.add_argument("--recipe", choices=sorted(RECIPES), help=f"named export recipe (default {DEFAULT_RECIPE})")
     g.add_argument("--max-seq-len", type=int, help="KV cache length: the whole context the program holds")
     g.add_argument("--dtype", choices=sorted(set(DTYPES.values())), help="weights/activations dtype")
-    g.add_argument("--backend", choices=BACKENDS, help="xnnpack (default) or portable (no delegate)")
+    g.add_argument("--backend", type=_backends, metavar="NAME[,NAME...]",
+                   help=f"one of {', '.join(BACKENDS)}, or an ordered comma-separated list of them (the first "
+                        f"gets first pick of the operators), e.g. openvino,xnnpack (default xnnpack)")
     g.add_argument("--qlinear", choices=[*QLINEAR_SCHEMES, "none"], help="linear-layer quantization")
     g.add_argument("--qlinear-group-size", type=_group_size,
                    help="group of 4-bit weights: a multiple of 32 on XNNPACK, or 'none' (default: the scheme's)")

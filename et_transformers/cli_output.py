@@ -59,7 +59,8 @@ def describe_export_config(data: dict[str, Any] | None) -> str:
     if name:
         return f"{name}, ctx {cfg.max_seq_len}"
     default = ExportConfig().to_dict()
-    changed = [f"{k}={v}" for k, v in cfg.to_dict().items() if v != default[k] and k != "max_seq_len"]
+    changed = [f"{k}={','.join(v) if k == 'backend' and isinstance(v, list) else v}"  # as --backend takes it
+               for k, v in cfg.to_dict().items() if v != default[k] and k != "max_seq_len"]
     return ", ".join(changed + [f"ctx {cfg.max_seq_len}"])
 
 
@@ -91,8 +92,10 @@ def program_report(report) -> str:
     lines += ["  " + r for r in table(("method", "inputs", "outputs", ""), rows, right=(1, 2)).splitlines()]
     lines += ["", "delegates:"]
     if report.delegates:
-        rows = [(b, n, mib(report.delegate_bytes.get(b, 0))) for b, n in sorted(report.delegates.items())]
-        lines += ["  " + r for r in table(("backend", "subgraphs", "size"), rows, right=(1, 2)).splitlines()]
+        rows = [(b, n, report.nodes_by_backend.get(b, "?"), mib(report.delegate_bytes.get(b, 0)))
+                for b, n in sorted(report.delegates.items())]
+        lines += ["  " + r for r in table(("backend", "subgraphs", "graph nodes", "size"), rows,
+                                          right=(1, 2, 3)).splitlines()]
     else:
         lines.append("  none: every operator runs on ExecuTorch's own kernels")
     source = {

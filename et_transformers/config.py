@@ -35,8 +35,32 @@ DTYPES: dict[str, str] = {
     "half": "float16",
 }
 
-#: Backends a program can be lowered to. ``portable`` delegates nothing (ExecuTorch's portable kernels).
-BACKENDS: tuple[str, ...] = ("xnnpack", "portable")
+#: Backends a program can be lowered to: XNNPACK (CPU kernels for float and 8-bit-activation quantized
+#: layers), ``portable`` (no delegate: ExecuTorch's own kernels run everything) and OpenVINO (Intel's
+#: runtime, CPU here; ``pip install "et-transformers[openvino]"``) and Vulkan (GPUs through Vulkan
+#: compute; exported here, run by ExecuTorch builds with Vulkan, which no pip wheel is).
+#: ``ExportConfig.backend`` takes one name or an ordered tuple of delegating ones; which partitioners
+#: each maps to is the table in :mod:`et_transformers.export.backends`.
+BACKENDS: tuple[str, ...] = ("xnnpack", "portable", "openvino", "vulkan")
+
+#: How each backend is called in text (model cards, ``inspect``).
+BACKEND_TITLES: dict[str, str] = {
+    "xnnpack": "XNNPACK", "portable": "portable kernels", "openvino": "OpenVINO", "vulkan": "Vulkan",
+}
+
+#: Backends whose ExecuTorch runtime cannot run a delegate with dynamic shapes (the OpenVINO delegate
+#: binds ExecuTorch's tensors as they are planned, never resizes its outputs, and fails on them
+#: with Internal, 0x1): a program with one of them takes one token per ``forward`` call
+#: (``get_max_seq_len`` = 1; prompts are prefilled a token at a time), and returns one position's logits.
+SINGLE_TOKEN_BACKENDS: tuple[str, ...] = ("openvino",)
+
+#: OpenVINO quantizes with its own weight compression (NNCF) when it comes first, and NNCF treats the
+#: embedding and the head as one pair ("first and last layers"): the ``(qlinear, head scheme,
+#: qembedding)`` combinations it makes. ``"4w"``: int4 symmetric in groups of ``qlinear_group_size``
+#: (smaller for a layer whose inputs it does not divide, see ``export/openvino.py``);
+#: ``"8w"``: int8 asymmetric per output channel. ``("4w", "8w", "8w")`` is NNCF's default (and
+#: ExecuTorch's OpenVINO LLM recipe's); ``("4w", "4w", "4w")`` is its ``all_layers=True``.
+OPENVINO_COMPRESSIONS: tuple[tuple[str, str, str], ...] = (("4w", "8w", "8w"), ("4w", "4w", "4w"), ("8w", "8w", "8w"))
 
 #: Linear-layer quantization schemes: 8-bit dynamic activations with 4- or 8-bit weights, or weight-only
 #: (ExecuTorch's kernels), or ``"q4_0"``: int4 weights in groups of 32 times int8 activations per block
@@ -60,10 +84,11 @@ AUTO = "auto"
 #: have one scale per output channel, the only layout XNNPACK and the portable kernels run).
 FOUR_BIT_SCHEMES: tuple[str, ...] = ("8da4w", "4w")
 
-#: Group size of 4-bit weights when none is given, per backend: 32 on XNNPACK (channelwise 4-bit
-#: costs +160% perplexity on SmolLM2-135M, see the README), per channel (``None``) on the portable
-#: kernels, which dequantize per output channel only.
-DEFAULT_GROUP_SIZE: dict[str, int | None] = {"xnnpack": 32, "portable": None}
+#: Group size of 4-bit weights when none is given, per (first) backend: 32 on XNNPACK (channelwise
+#: 4-bit costs +160% perplexity on SmolLM2-135M, see the README), per channel (``None``) on the
+#: portable kernels, which dequantize per output channel only, and 128 on OpenVINO (NNCF's default
+#: for int4 weight compression, and ExecuTorch's OpenVINO LLM recipe's).
+DEFAULT_GROUP_SIZE: dict[str, int | None] = {"xnnpack": 32, "portable": None, "openvino": 128}
 
 #: XNNPACK delegates groupwise weights only in groups that are multiples of this
 #: (``executorch/backends/xnnpack/operators/node_visitor.py``, ``_check_per_channel_group_params``:
@@ -111,6 +136,103 @@ def _check_group_size(name: str, value: int | str | None) -> None:
         )
 
 
+def _normalise_backend(value: Any) -> str | tuple[str, ...]:
+    """``backend`` as stored: one name as a string (a one-name tuple too: one spelling, one cache key,
+    and the key of every config from before lists were accepted), several as a tuple in order.
+
+    Raises:
+        InvalidConfigError: not a name or a sequence of names, an unknown or repeated name, an empty
+            list, or ``portable`` in a list (it delegates nothing: leave it out).
+    """
+    names = (value,) if isinstance(value, str) else value
+    if not isinstance(names, (tuple, list)) or not names or not all(isinstance(n, str) for n in names):
+        raise InvalidConfigError(
+            f"backend={value!r} is not valid: give one of {list(BACKENDS)}, or an ordered tuple of them "
+            f"(the first gets first pick of the operators), e.g. backend=('openvino', 'xnnpack')."
+        )
+    unknown = [n for n in names if n not in BACKENDS]
+    if unknown:
+        raise InvalidConfigError(
+            f"backend={value!r}: {unknown[0]!r} is not a supported backend; use one of {list(BACKENDS)} "
+            f"(or an ordered tuple of them)."
+        )
+    if len(set(names)) != len(names):
+        raise InvalidConfigError(f"backend={value!r} names a backend twice; give each once, in order of preference.")
+    if len(names) > 1 and "portable" in names:
+        raise InvalidConfigError(
+            f"backend={value!r}: 'portable' delegates nothing, so in a list it changes nothing (whatever no "
+            f"backend takes runs on the portable kernels anyway). Leave it out, or use backend='portable' alone."
+        )
+    return names[0] if len(names) == 1 else tuple(names)
+
+
+def _check_openvino_support(cfg: "ExportConfig") -> None:
+    """Refuse what a program with OpenVINO delegates cannot do, or what this package has not verified.
+
+    The OpenVINO delegate runs one token per call (:data:`SINGLE_TOKEN_BACKENDS`), so a wider head
+    has nothing to verify. When OpenVINO comes first, quantization is its own (NNCF weight
+    compression, :data:`OPENVINO_COMPRESSIONS`): the 8-bit-activation schemes and ``q4_0`` are
+    XNNPACK's and our kernels' vocabulary, and only float32 activations were verified token for token.
+    """
+    k = cfg.verify_tokens
+    if k is not None and k > 1:
+        raise InvalidConfigError(
+            f"verify_tokens={k} cannot run with backend={cfg.backend!r}: OpenVINO delegates take one token per "
+            f"forward call, so there is no draft to verify. Leave verify_tokens out (1), or use backend='xnnpack'."
+        )
+    if cfg.backends[0] != "openvino":
+        return
+    if cfg.dtype != "float32":
+        raise InvalidConfigError(
+            f"dtype={cfg.dtype!r} is not supported with backend={cfg.backend!r} first: only float32 programs were "
+            f"verified on OpenVINO. Use dtype='float32' (recipe 'openvino-4w' for smaller weights), or backend='xnnpack'."
+        )
+    wanted = (cfg.qlinear, cfg.head_scheme, cfg.qembedding)
+    if cfg.qlinear is not None and wanted not in OPENVINO_COMPRESSIONS:
+        raise InvalidConfigError(
+            f"qlinear={cfg.qlinear!r}, head {cfg.head_scheme!r}, qembedding={cfg.qembedding!r} is not a weight "
+            f"compression OpenVINO makes (backend={cfg.backend!r} first; NNCF quantizes linear layers, and the "
+            f"embedding and head as a pair). Use one of (qlinear, qhead, qembedding) = "
+            f"{[tuple(c) for c in OPENVINO_COMPRESSIONS]} (recipe 'openvino-4w' is the first), or put 'xnnpack' first."
+        )
+    if cfg.qlinear is None and (cfg.qembedding or cfg.head_scheme):
+        field = "qembedding" if cfg.qembedding else "qhead"
+        raise InvalidConfigError(
+            f"{field}={getattr(cfg, field)!r} needs qlinear with backend={cfg.backend!r} first: OpenVINO compresses "
+            f"the embedding and head together with the linear layers. Set qlinear='4w' (recipe 'openvino-4w'), "
+            f"or leave {field} out."
+        )
+    if cfg.qembedding_group_size is not None:
+        raise InvalidConfigError(
+            f"qembedding_group_size={cfg.qembedding_group_size} cannot apply with backend={cfg.backend!r} first: "
+            f"OpenVINO compresses the embedding per channel, or in qlinear_group_size groups with qembedding='4w'. "
+            f"Leave it out."
+        )
+    for field in ("qlinear_8bit", "kv_cache_dtype"):
+        if getattr(cfg, field):
+            raise InvalidConfigError(
+                f"{field}={getattr(cfg, field)!r} is not supported with backend={cfg.backend!r} first (not "
+                f"verified on OpenVINO). Leave {field} out, or put 'xnnpack' first."
+            )
+
+
+def _check_vulkan_support(cfg: "ExportConfig") -> None:
+    """Vulkan first: float32 and no quantization (ExecuTorch's LLM helper asserts fp32 for Vulkan, and
+    nothing else could be verified here, where no runtime has Vulkan)."""
+    if cfg.dtype != "float32":
+        raise InvalidConfigError(
+            f"dtype={cfg.dtype!r} is not supported with backend={cfg.backend!r} first: ExecuTorch lowers LLMs to "
+            f"Vulkan in float32 only. Use dtype='float32'."
+        )
+    for field in ("qlinear", "qembedding", "qlinear_8bit", "kv_cache_dtype"):
+        if getattr(cfg, field):
+            raise InvalidConfigError(
+                f"{field}={getattr(cfg, field)!r} is not supported with backend={cfg.backend!r} first: only float "
+                f"Vulkan programs are built (none can be run or verified here). Leave {field} out, or put "
+                f"'xnnpack' first."
+            )
+
+
 def _check_backend_support(cfg: "ExportConfig") -> None:
     """Refuse combinations the backend cannot run as asked (rather than quietly running float).
 
@@ -119,7 +241,9 @@ def _check_backend_support(cfg: "ExportConfig") -> None:
     integer-weight linear, takes groupwise weights in multiples of 32 only (its lowering asserts
     it, minutes into an export) and fails at run time on bf16 activations with 8-bit weights; the
     portable kernels dequantize weights per output channel only (group-wise weights would be
-    folded back to float at export). Runs after :meth:`ExportConfig._resolve_quantization`.
+    folded back to float at export). The quantization is for the first backend of a list (the
+    one offered the quantized layers first); OpenVINO's rules are :func:`_check_openvino_support`.
+    Runs after :meth:`ExportConfig._resolve_quantization`.
     """
     scheme, gs = cfg.qlinear, cfg.qlinear_group_size
     own = [f for f, v in (("qlinear", scheme), ("qhead", cfg.head_scheme)) if v in OWN_KERNEL_SCHEMES]
@@ -128,7 +252,13 @@ def _check_backend_support(cfg: "ExportConfig") -> None:
             f"{own[0]}='q4_0' needs dtype='float32' (its kernel takes float32 activations; the weights are "
             f"4-bit either way), got dtype={cfg.dtype!r}; use dtype='float32' or {own[0]}='8da4w'."
         )
-    if cfg.backend == "xnnpack":
+    if any(b in SINGLE_TOKEN_BACKENDS for b in cfg.backends):
+        _check_openvino_support(cfg)
+    if cfg.backends[0] == "vulkan":
+        _check_vulkan_support(cfg)
+    if cfg.backends[0] in ("openvino", "vulkan"):
+        return
+    if cfg.backends[0] == "xnnpack":
         if cfg.qhead in ("4w", "8w"):
             raise InvalidConfigError(
                 f"qhead={cfg.qhead!r} cannot run on backend='xnnpack' (no float-activation x integer-weight "
@@ -171,7 +301,13 @@ class ExportConfig:
             tokens) the program can hold. One forward call may take up to this many tokens.
         dtype: Weights and activations dtype: ``"float32"``, ``"bfloat16"`` or ``"float16"``
             (``"fp32"``, ``"bf16"``, ``"fp16"`` are accepted and normalised).
-        backend: ``"xnnpack"`` (default; delegates to XNNPACK) or ``"portable"`` (no delegate).
+        backend: ``"xnnpack"`` (default; delegates to XNNPACK), ``"portable"`` (no delegate) or
+            ``"openvino"`` (OpenVINO delegates; one token per call), ``"vulkan"`` (float32 only; runs
+            on ExecuTorch builds with Vulkan, not here), or an ordered tuple of the
+            delegating ones, e.g. ``("openvino", "xnnpack")``: each backend's partitioners are offered
+            the graph in that order, so the first takes every operator it supports and the next gets
+            what is left. The quantization fields are for the first backend. A one-name tuple is
+            stored as the name; see :attr:`backends`.
         qlinear: Quantization of linear layers: ``None``, ``"8da4w"``, ``"8da8w"``, ``"4w"``, ``"8w"``.
         qlinear_group_size: Group size of 4-bit linear weights (``qlinear`` or ``qhead`` ``"8da4w"``/
             ``"4w"``), a power of two, or ``None`` for one scale per output channel. The default,
@@ -209,7 +345,7 @@ class ExportConfig:
 
     max_seq_len: int = 1024
     dtype: str = "float32"
-    backend: str = "xnnpack"
+    backend: str | tuple[str, ...] = "xnnpack"
     qlinear: str | None = None
     qlinear_group_size: int | str | None = AUTO
     qhead: str | None = AUTO
@@ -236,8 +372,7 @@ class ExportConfig:
                 f"dtype={dtype!r} is not supported; use one of {sorted(set(DTYPES.values()))}."
             )
         object.__setattr__(self, "dtype", DTYPES[dtype_name])
-        if self.backend not in BACKENDS:
-            raise InvalidConfigError(f"backend={self.backend!r} is not supported; use one of {list(BACKENDS)}.")
+        object.__setattr__(self, "backend", _normalise_backend(self.backend))
         if self.qlinear not in (None, *QLINEAR_SCHEMES):
             raise InvalidConfigError(
                 f"qlinear={self.qlinear!r} is not a known scheme; use None or one of {list(QLINEAR_SCHEMES)}."
@@ -309,7 +444,8 @@ class ExportConfig:
         object.__setattr__(self, "qhead", qhead)
         four_bit = [s for s in dict.fromkeys((qlinear, self.head_scheme)) if s in FOUR_BIT_SCHEMES]
         if gs == AUTO:
-            gs = DEFAULT_GROUP_SIZE[self.backend] if four_bit else None
+            # a backend without an entry has no 4-bit scheme: _check_backend_support refuses it
+            gs = DEFAULT_GROUP_SIZE.get(self.backends[0]) if four_bit else None
         elif gs is not None and not four_bit:
             raise _NoEffectError(
                 "qlinear_group_size",
@@ -325,6 +461,17 @@ class ExportConfig:
                 f"embedding stays in {self.dtype}). Leave it out, or quantize the embedding (qembedding='8w' "
                 f"or '4w').",
             )
+
+    @property
+    def backends(self) -> tuple[str, ...]:
+        """:attr:`backend` as a tuple of names, in the order their partitioners pick operators."""
+        return (self.backend,) if isinstance(self.backend, str) else self.backend
+
+    @property
+    def tokens_per_call(self) -> int:
+        """Most tokens one ``forward`` call takes: ``max_seq_len``, or 1 with a backend of
+        :data:`SINGLE_TOKEN_BACKENDS` (its delegates run static shapes)."""
+        return 1 if any(b in SINGLE_TOKEN_BACKENDS for b in self.backends) else self.max_seq_len
 
     @property
     def uses_own_kernels(self) -> bool:
@@ -360,6 +507,8 @@ class ExportConfig:
         """Return the fields as a JSON-serialisable dict (used in manifests and cache keys)."""
         data = dataclasses.asdict(self)
         data["qlinear_8bit"] = list(self.qlinear_8bit)
+        if not isinstance(self.backend, str):
+            data["backend"] = list(self.backend)
         return data
 
     @classmethod
@@ -421,6 +570,13 @@ RECIPES: dict[str, dict[str, Any]] = {
     "xnnpack-q4_0": {"qlinear": "q4_0", "qembedding": "8w"},
     "xnnpack-q4_0-head8": {"qlinear": "q4_0", "qhead": "8da8w", "qembedding": "8w"},
     "portable-fp32": {"backend": "portable"},
+    # OpenVINO (pip install "et-transformers[openvino]"): one token per call; attention and the KV
+    # cache stay on ExecuTorch's kernels between OpenVINO subgraphs (see export/backends.py)
+    "openvino-fp32": {"backend": "openvino"},
+    # NNCF weight compression: int4 linears in groups of 128, int8 embedding and head
+    "openvino-4w": {"backend": "openvino", "qlinear": "4w", "qhead": "8w", "qembedding": "8w"},
+    # Vulkan GPUs: exported here, run elsewhere (no pip wheel's runtime has Vulkan)
+    "vulkan-fp32": {"backend": "vulkan"},
 }
 #: The default where our kernels cannot run here (another CPU or OS, no C++ compiler), and for
 #: programs that must run on a stock ExecuTorch runtime (phones, the C++ runner without us).

@@ -86,6 +86,10 @@ class ProgramReport:
             the operators left outside any delegate.
         export_config: the manifest's export config, when there is a manifest.
         etrecord: the ETRecord beside the ``.pte``, if any.
+        totals: delegated subgraphs, delegated and non-delegated graph nodes.
+        nodes_by_backend: graph nodes inside each backend's delegates, per delegate id: which
+            backend took which part of the program (from the manifest, recorded at export; for
+            XNNPACK delegates of a program without one, its serialized graph nodes).
     """
 
     path: Path
@@ -99,6 +103,7 @@ class ProgramReport:
     export_config: dict[str, Any] | None = None
     etrecord: Path | None = None
     totals: dict[str, int] = field(default_factory=dict)
+    nodes_by_backend: dict[str, int] = field(default_factory=dict)
 
     @property
     def metadata(self) -> dict[str, Any]:
@@ -106,14 +111,17 @@ class ProgramReport:
         return {m.name: m.value for m in self.methods if m.instructions == 0 and m.value is not None}
 
     def summary(self) -> str:
-        """One line: delegates, share of graph nodes delegated, kernel calls left outside."""
+        """One line: delegates, share of graph nodes delegated (per backend when several took some),
+        kernel calls left outside."""
         n = sum(self.delegates.values())
         backends = ", ".join(f"{c} {b}" for b, c in sorted(self.delegates.items())) or "no delegates"
         delegated = sum(r.delegated for r in self.operators)
         total = delegated + sum(r.non_delegated for r in self.operators)
         parts = [f"delegation: {backends} ({n} subgraphs)"]
         if total:
-            parts.append(f"{delegated} of {total} graph nodes delegated ({100 * delegated / total:.0f}%)")
+            # which backend took which share, when several did
+            took = "".join(f", {b} {n}" for b, n in sorted(self.nodes_by_backend.items())) if len(self.nodes_by_backend) > 1 else ""
+            parts.append(f"{delegated} of {total} graph nodes delegated ({100 * delegated / total:.0f}%{took})")
         parts.append(f"{sum(self.outside_delegates.values())} kernel calls outside delegates")
         return "; ".join(parts)
 
@@ -282,6 +290,7 @@ def inspect_program(path: str | os.PathLike) -> ProgramReport:
         operators = [OperatorCount(op, d, n) for op, (d, n) in recorded["by_operator"].items()]
         source = "export graph"
         totals = {k: recorded[k] for k in ("delegated_subgraphs", "delegated_nodes", "non_delegated_nodes")}
+        by_backend = {b: row["nodes"] for b, row in recorded.get("by_backend", {}).items()}
     else:
         inside = _xnnpack_node_types(xnnpack_blobs)
         operators = [OperatorCount(f"xnnpack::{op}", delegated=c) for op, c in sorted(inside.items())]
@@ -289,6 +298,7 @@ def inspect_program(path: str | os.PathLike) -> ProgramReport:
         source = "program"
         totals = {"delegated_subgraphs": sum(delegates.values()), "delegated_nodes": sum(inside.values()),
                   "non_delegated_nodes": sum(outside.values())}
+        by_backend = {_XNNPACK_BACKEND: sum(inside.values())} if inside else {}
     etrecord = pte.parent / ETRECORD_NAME
     return ProgramReport(
         path=pte,
@@ -302,6 +312,7 @@ def inspect_program(path: str | os.PathLike) -> ProgramReport:
         export_config=(manifest or {}).get("export_config"),
         etrecord=etrecord if etrecord.is_file() else None,
         totals=totals,
+        nodes_by_backend=by_backend,
     )
 
 

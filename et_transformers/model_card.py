@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .config import OWN_KERNEL_SCHEMES, ExportConfig, recipe_name
+from .config import BACKEND_TITLES, OWN_KERNEL_SCHEMES, ExportConfig, recipe_name
 from .manifest import Manifest
 
 #: The card template (``string.Template`` syntax: ``${name}``).
@@ -125,11 +125,18 @@ def quality_block(text: str) -> str | None:
     return text.split(start, 1)[1].split(end, 1)[0].strip("\n")
 
 
+def _lowered_to(cfg: ExportConfig) -> str:
+    """Who runs the layers: "delegated to XNNPACK", "... to OpenVINO, then XNNPACK", or the portable kernels."""
+    if cfg.backends == ("portable",):
+        return "run by ExecuTorch portable kernels"
+    return "delegated to " + ", then ".join(BACKEND_TITLES[b] for b in cfg.backends)
+
+
 def _front_matter(manifest: Manifest, cfg: ExportConfig, card: CardData, base_model: str | None) -> str:
     import yaml  # a dependency of transformers
 
     quantized = any((cfg.qlinear, cfg.qembedding, cfg.kv_cache_dtype))
-    tags = ["executorch", cfg.backend, "et_transformers", "on-device"] + (["quantized"] if quantized else [])
+    tags = ["executorch", *cfg.backends, "et_transformers", "on-device"] + (["quantized"] if quantized else [])
     data: dict[str, Any] = {"library_name": "et_transformers", "pipeline_tag": "text-generation", "tags": tags}
     if card.license:
         data["license"] = card.license
@@ -139,7 +146,7 @@ def _front_matter(manifest: Manifest, cfg: ExportConfig, card: CardData, base_mo
             data["base_model_relation"] = "quantized"
     data["quantization"] = {"recipe": recipe_name(cfg) or "custom", **quantization_summary(cfg)}
     data["executorch"] = {
-        "backend": cfg.backend,
+        "backend": cfg.to_dict()["backend"],
         "max_seq_len": cfg.max_seq_len,
         "pte_sha256": manifest.pte_sha256,
         "versions": {k: v for k, v in manifest.versions.items() if k in ("et-transformers", "executorch", "torch")},
@@ -232,12 +239,12 @@ def render(
     if own:
         linears = (f"run by et_transformers' own `{own[0]}` kernel (x86-64 with AVX2; it ships with "
                    f"et_transformers and is compiled on first use), the rest "
-                   f"{'delegated to XNNPACK' if cfg.backend == 'xnnpack' else 'run by ExecuTorch portable kernels'}")
+                   f"{_lowered_to(cfg)}")
         runner_note = (f" This program's `{own[0]}` layers need et_transformers' kernel library, which a stock "
                        f"ExecuTorch build (`llama_main`, a phone app) does not have: run it through Python as "
                        f"below, or export with a stock recipe such as `xnnpack-8da4w` for other runtimes.")
     else:
-        linears = "delegated to XNNPACK" if cfg.backend == "xnnpack" else "run by ExecuTorch portable kernels"
+        linears = _lowered_to(cfg)
         runner_note = ""
     values = {
         "front_matter": _front_matter(manifest, cfg, card, base_model),

@@ -23,6 +23,7 @@ import torch
 from . import hub
 from .cache import ArtifactCache
 from .config import DEFAULT_RECIPE, ExportConfig, recipe_name
+from .delegates import check_runnable
 from .config import recipe as make_recipe
 from .errors import InvalidConfigError, ModelNotFoundError, ProgramError
 from .generation import GenerationStats, Generator, peak_rss_bytes
@@ -190,7 +191,8 @@ class ETModelForCausalLM:
             InvalidConfigError: an unknown keyword or invalid export option, or export options or
                 ``force_export`` given for an already exported folder or repo.
             ProgramError: a pre-exported ``.pte`` does not match its manifest, or was built by an
-                ExecuTorch newer than the installed runtime.
+                ExecuTorch newer than the installed runtime; or the backend's delegates cannot run on
+                this runtime (checked before exporting; the message says what to install).
             TokenizerError: a ``tokenizer`` path holds no tokenizer files.
             UnsupportedModelError, ModelNotFoundError, HubError, ExportError, CacheError.
         """
@@ -229,6 +231,7 @@ class ETModelForCausalLM:
             logger.info("Loaded the exported program of %s (no export)", source.name)
             return model
 
+        check_runnable(export_config.backends)  # not minutes of export for a program this runtime cannot load
         cache = ArtifactCache(Path(cache_dir) / "et_transformers" if cache_dir else None)
         key = cache.key_for(source, export_config)
         export_time: list[float] = []

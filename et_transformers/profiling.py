@@ -34,7 +34,7 @@ logger = logging.getLogger(__name__)
 
 #: Runtime events that frame others (a method run, one instruction, one delegate call).
 _FRAME_EVENTS = ("Method::execute", "OPERATOR_CALL", "DELEGATE_CALL")
-_BACKEND_NAMES = {"XnnpackBackend": "XNNPACK"}
+_BACKEND_NAMES = {"XnnpackBackend": "XNNPACK", "OpenvinoBackend": "OpenVINO"}
 
 
 @dataclass

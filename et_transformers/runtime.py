@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 
+from .delegates import prepare_delegates, read_flatbuffer
 from .errors import ProgramError
 from .threads import warn_if_contended
 
@@ -53,14 +54,9 @@ _OWN_OPERATOR_PREFIX = b"et_transformers::"
 def needs_own_kernels(path: str | os.PathLike) -> bool:
     """Whether the ``.pte`` at ``path`` calls operators of our own kernel library.
 
-    Reads only the program's flatbuffer (its operator table), whose size the extended header
-    gives, not the weight segments after it.
+    Reads only the program's flatbuffer (its operator table), not the weight segments after it.
     """
-    with open(path, "rb") as f:
-        head = f.read(24)
-        size = int.from_bytes(head[16:24], "little") if head[8:12] == b"eh00" else None
-        f.seek(0)
-        return _OWN_OPERATOR_PREFIX in f.read(size if size else -1)
+    return _OWN_OPERATOR_PREFIX in read_flatbuffer(path)
 
 
 def load_own_kernels(path: str | os.PathLike) -> None:
@@ -216,7 +212,8 @@ class Program:
             :meth:`write_etdump`.
 
     Raises:
-        ProgramError: the file is missing, is not an ExecuTorch program, or lacks the LLM methods.
+        ProgramError: the file is missing, is not an ExecuTorch program, lacks the LLM methods, or
+            has delegates of a backend this runtime lacks (the message says what to install).
     """
 
     def __init__(self, path: str | os.PathLike, *, enable_etdump: bool = False):
@@ -229,6 +226,9 @@ class Program:
             raise ProgramError(f"{self.path} is not an ExecuTorch program (no 'ET' file identifier).")
         load_kernel_libraries()
         load_own_kernels(self.path)
+        #: Delegate ids the program uses (``XnnpackBackend``...), checked against this runtime first:
+        #: a missing backend fails here with what to install, not as ExecuTorch's 0x20 on first run.
+        self.delegate_ids = prepare_delegates(self.path)
         _C = _bindings()
         try:
             self._module = _C._load_for_executorch(str(self.path), enable_etdump=enable_etdump)

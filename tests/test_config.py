@@ -100,6 +100,9 @@ RECIPE_PLANS = {
     "xnnpack-q4_0": (("q4_0", None), ("q4_0", None), ("q4_0", None), "8w"),  # q4_0 has its fixed block of 32
     "xnnpack-q4_0-head8": (("q4_0", None), ("q4_0", None), ("8da8w", None), "8w"),
     "portable-fp32": ((None, None), (None, None), (None, None), None),
+    "openvino-fp32": ((None, None), (None, None), (None, None), None),
+    "openvino-4w": (("4w", 128), ("4w", 128), ("8w", None), "8w"),  # what NNCF is asked for (export/openvino.py)
+    "vulkan-fp32": ((None, None), (None, None), (None, None), None),
 }
 
 

@@ -6,9 +6,9 @@ most of them for ops a language model never contains (bilinear upsampling, batch
 conv1d, max-pool, padding, SDPA patterns). Each trace and pass costs milliseconds per node with
 dynamic shapes, which added up to five minutes for a 135M-parameter model on two cores.
 
-We lower in two steps instead: one ``to_edge`` that keeps ``aten.linear`` whole (the only op
-XNNPACK needs preserved here; our quantized layers are already expressed in ExecuTorch's
-quantized-op vocabulary), then ``to_backend`` with each partitioner in order. While the XNNPACK
+We lower in two steps instead: one ``to_edge`` that keeps the first backend's operators whole
+(for XNNPACK only ``aten.linear``: our quantized layers are already expressed in ExecuTorch's
+quantized-op vocabulary; see :mod:`.backends`), then ``to_backend`` with each partitioner in order. While the XNNPACK
 backend preprocesses a delegate, :func:`lean_xnnpack_passes` skips the passes whose target ops the
 delegate does not contain; a skipped pass would have found nothing to rewrite, so the delegate is
 the same (the parity tests compare against eager transformers token for token).
@@ -20,8 +20,6 @@ import contextlib
 import logging
 from collections.abc import Iterator, Sequence
 from typing import Any
-
-import torch
 
 logger = logging.getLogger(__name__)
 
@@ -73,16 +71,28 @@ def lower(
     partitioners: Sequence[Any],
     constant_methods: dict[str, Any],
     *,
+    keep_ops: Sequence[Any] = (),
     generate_etrecord: bool = False,
 ):
     """Convert ``exported_program`` to the Edge dialect and delegate with ``partitioners`` in order.
+
+    Each partitioner is offered what the ones before it left: ``to_backend`` per partitioner, as
+    ``to_edge_transform_and_lower`` does with its list.
+
+    Args:
+        exported_program: the ``torch.export`` output.
+        partitioners: ordered partitioners (see :func:`.backends.partitioners_for`).
+        constant_methods: the metadata methods the program carries.
+        keep_ops: operators ``to_edge`` leaves undecomposed (the first backend's, see
+            :func:`.backends.keep_ops_for`).
+        generate_etrecord: record an ETRecord.
 
     Returns:
         The ``EdgeProgramManager``.
     """
     from executorch.exir import EdgeCompileConfig, to_edge
 
-    keep = [torch.ops.aten.linear.default] if partitioners else []
+    keep = list(keep_ops)
     edge = to_edge(
         exported_program,
         constant_methods=constant_methods,

@@ -36,6 +36,7 @@ from ..hub import ModelSource, resolve
 from ..manifest import ETRECORD_NAME, PTE_NAME, Manifest, sha256_file
 from .layer_ops import apply_layer_ops
 from .loading import LoadedModel, load_model
+from .backends import graph_quantizer_for, keep_ops_for, partitioners_for, quantizes_graph
 from .lowering import lower
 from .passes import apply_xnnpack_friendly_rewrites
 from .quantize import float_layer_weights, quantize_model
@@ -155,13 +156,30 @@ class Exporter:
     # -- stages ------------------------------------------------------------------------------
 
     def load(self) -> "Exporter":
-        """Load model, tokenizer and configs (float32, eval mode); checks the architecture first."""
+        """Load model, tokenizer and configs (float32, eval mode); checks the architecture first.
+
+        Raises:
+            ExportError: the model cannot run as the one-token program the backend makes.
+        """
         with self._stage("load"):
             self.loaded = load_model(
                 self.source, trust_remote_code=self.trust_remote_code, max_seq_len=self.export_config.max_seq_len
             )
+            self._check_one_token_calls()
             self.module = self.loaded.model
         return self
+
+    def _check_one_token_calls(self) -> None:
+        """A model that must rebuild its KV cache in one whole-sequence call (Phi-3's longrope past its
+        original context) cannot run as a one-token program (``ExportConfig.tokens_per_call``)."""
+        cfg, loaded = self.export_config, self.loaded
+        rebuild = cache_rebuild_length(loaded.architecture, loaded.config, cfg.max_seq_len)
+        if rebuild is not None and cfg.tokens_per_call < cfg.max_seq_len:
+            raise ExportError(
+                f"{self.source.name} switches its rotary factors for every position once a sequence passes "
+                f"{rebuild} tokens, which needs one call over the whole sequence, and backend={cfg.backend!r} "
+                f"runs one token per call. Export with max_seq_len={rebuild} (or less), or with backend='xnnpack'."
+            )
 
     def source_transform(self, transforms: Sequence[Callable[[nn.Module], nn.Module]] = ()) -> "Exporter":
         """Apply ``transforms`` to the transformers model, then wrap it for export.
@@ -201,16 +219,20 @@ class Exporter:
             raise ExportError("run the 'source_transform' stage before 'to_dtype'.")
         cfg = self.export_config
         with self._stage("to_dtype"):
-            deferred = float_layer_weights(module) if (cfg.qlinear or cfg.qembedding) else []
+            source_quantized = (cfg.qlinear or cfg.qembedding) and not quantizes_graph(cfg)
+            deferred = float_layer_weights(module) if source_quantized else []
             module.to_dtype(cfg.torch_dtype, skip=deferred)
         return self
 
     def quantize(self) -> "Exporter":
         """Quantize linear and embedding layers as ``export_config`` asks (no-op when it asks none),
-        casting each to ``export_config.dtype`` first."""
+        casting each to ``export_config.dtype`` first. A backend with its own quantizer (OpenVINO
+        first) quantizes the exported graph in :meth:`export` instead."""
         module = self._require("module", "source_transform")
         cfg = self.export_config
         with self._stage("quantize"):
+            if quantizes_graph(cfg):
+                return self
             importance = None
             if "q4_0" in (cfg.qlinear, cfg.head_scheme):  # its scales are searched against real inputs
                 ids = calibration_ids(self.loaded.tokenizer, int(self.loaded.config.get_text_config().vocab_size),
@@ -225,11 +247,16 @@ class Exporter:
         return self
 
     def example_inputs(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """Example ``(input_ids [1, 3], cache_position [3])`` used to trace ``forward``."""
-        return torch.zeros(1, 3, dtype=torch.long), torch.arange(3, dtype=torch.long)
+        """Example ``(input_ids [1, 3], cache_position [3])`` used to trace ``forward`` (``[1, 1]``
+        and ``[1]`` for a one-token program, see ``ExportConfig.tokens_per_call``)."""
+        n = min(3, self.export_config.tokens_per_call)
+        return torch.zeros(1, n, dtype=torch.long), torch.arange(n, dtype=torch.long)
 
     def dynamic_shapes(self):
-        """``input_ids`` dim 1 and ``cache_position`` dim 0 share one length from 1 to ``max_seq_len``."""
+        """``input_ids`` dim 1 and ``cache_position`` dim 0 share one length from 1 to ``max_seq_len``;
+        ``None`` (static shapes) for a one-token program."""
+        if self.export_config.tokens_per_call == 1:
+            return None
         seq = torch.export.Dim("seq_len", min=1, max=self.export_config.max_seq_len)
         return ({1: seq}, {0: seq})
 
@@ -237,7 +264,8 @@ class Exporter:
         """``torch.export`` the module once, with a dynamic prompt length.
 
         RoPE runs as a matmul while tracing (see :mod:`.rope`) and the XNNPACK-friendly graph
-        rewrites of :mod:`.passes` are applied. The program is left unfunctionalized: lowering
+        rewrites of :mod:`.passes` are applied. When the first backend has its own quantizer
+        (:func:`.backends.graph_quantizer_for`), it compresses the traced module, which is traced again. The program is left unfunctionalized: lowering
         functionalizes it anyway, and doing it twice costs minutes on real models.
         """
         module = self._require("module", "source_transform")
@@ -245,25 +273,17 @@ class Exporter:
             ep = torch.export.export(
                 module, self.example_inputs(), dynamic_shapes=self.dynamic_shapes(), strict=False
             )
+            compress = graph_quantizer_for(self.export_config)
+            if compress is not None:  # the backend's own quantizer rewrites the graph: trace it again
+                gm, self.quantization_report = compress(ep.module())
+                ep = torch.export.export(gm, self.example_inputs(), dynamic_shapes=self.dynamic_shapes(), strict=False)
             self.exported_program = apply_xnnpack_friendly_rewrites(ep)
         return self
 
     def default_partitioners(self) -> list:
-        """The partitioners for ``export_config.backend``: XNNPACK's, or none for ``portable``."""
-        if self.export_config.backend == "portable":
-            return []
-        from executorch.extension.llm.export.partitioner_lib import get_xnnpack_partitioner
-
-        # One partitioner for quantized and float ops alike: the dynamic-quant-only partitioner
-        # would cut every linear into its own delegate (hundreds of small subgraphs, slow to lower).
-        # Programs with our kernels are the exception: XNNPACK takes only their few 8-bit linears
-        # (the head), and everything between our kernels stays out of delegates (see .layer_ops).
-        return [
-            get_xnnpack_partitioner(
-                dynamic_quant_only_partitioner=self.export_config.uses_own_kernels,
-                enable_bf16=self.export_config.dtype == "bfloat16",
-            )
-        ]
+        """The partitioners of ``export_config.backends`` in order (:data:`.backends.BACKEND_TABLE`):
+        XNNPACK's, OpenVINO's, none for ``portable``."""
+        return partitioners_for(self.export_config)
 
     def metadata(self) -> dict[str, Any]:
         """The constant methods the program carries (read by ExecuTorch's runner and ours)."""
@@ -288,13 +308,13 @@ class Exporter:
 
             extra["get_et_transformers_kernels_abi"] = ABI
         return {
-            "get_max_seq_len": self.export_config.max_seq_len,
+            "get_max_seq_len": self.export_config.tokens_per_call,  # tokens per forward call
             "get_max_context_len": self.export_config.max_seq_len,
             "get_vocab_size": int(config.get_text_config().vocab_size),
             "get_bos_id": int(bos),
             "get_eos_ids": eos,
             "use_kv_cache": True,
-            "enable_dynamic_shape": True,
+            "enable_dynamic_shape": self.export_config.tokens_per_call > 1,
             "get_n_layers": int(n_layers),
             **extra,
         }
@@ -310,7 +330,8 @@ class Exporter:
         ep = self._require("exported_program", "export")
         parts = self.default_partitioners() if partitioners is None else list(partitioners)
         with self._stage("lower"):
-            self.edge_program = lower(ep, parts, self.metadata(), generate_etrecord=generate_etrecord)
+            keep = keep_ops_for(self.export_config) if parts else []
+            self.edge_program = lower(ep, parts, self.metadata(), keep_ops=keep, generate_etrecord=generate_etrecord)
         self._etrecord_requested = generate_etrecord
         return self
 
@@ -321,13 +342,28 @@ class Exporter:
 
         return get_delegation_info(edge.exported_program().graph_module)
 
+    def delegation_by_backend(self) -> dict[str, dict[str, int]]:
+        """Which backend took which part of the lowered program: per delegate id (``XnnpackBackend``,
+        ``OpenvinoBackend``), its subgraphs and the graph operators inside them."""
+        gm = self._require("edge_program", "lower").exported_program().graph_module
+        counts: dict[str, dict[str, int]] = {}
+        for node in gm.graph.nodes:
+            if node.op == "call_function" and node.target is executorch_call_delegate():
+                lowered = getattr(gm, node.args[0].target)
+                row = counts.setdefault(lowered.backend_id, {"subgraphs": 0, "nodes": 0})
+                row["subgraphs"] += 1
+                row["nodes"] += sum(n.op == "call_function" for n in lowered.original_module.graph.nodes)
+        return dict(sorted(counts.items()))
+
     def delegation_table(self) -> dict[str, Any]:
-        """:meth:`delegation_summary` as plain data (kept in the manifest for ``inspect``)."""
+        """:meth:`delegation_summary` and :meth:`delegation_by_backend` as plain data (kept in the
+        manifest for ``inspect``)."""
         info = self.delegation_summary()
         return {
             "delegated_subgraphs": info.num_delegated_subgraphs,
             "delegated_nodes": info.num_delegated_nodes,
             "non_delegated_nodes": info.num_non_delegated_nodes,
+            "by_backend": self.delegation_by_backend(),
             "by_operator": {
                 op: [b.delegated, b.non_delegated] for op, b in sorted(info.delegation_by_operator.items())
             },
@@ -436,6 +472,13 @@ class Exporter:
                 bar.set_postfix_str(name)
                 result = step()
         return result
+
+
+def executorch_call_delegate():
+    """ExecuTorch's ``executorch_call_delegate`` higher-order op (the target of a delegate call node)."""
+    from executorch.exir.delegate import executorch_call_delegate as op
+
+    return op
 
 
 def _move_into_place(staging: Path, output_dir: Path) -> None:
