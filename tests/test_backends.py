@@ -193,6 +193,21 @@ def test_openvino_int4_groups_shrink_for_layers_they_do_not_divide(tmp_path):
 
 
 @needs_openvino
+def test_the_4bit_openvino_demo_model_answers_the_demo_question(demo_gguf, tmp_path):
+    """The issue's real-model check: SmolLM2-135M-Instruct through NNCF's int4 compression and
+    OpenVINO (one token per call) still answers the README's question."""
+    model = ETModelForCausalLM.from_pretrained(demo_gguf, recipe="openvino-4w", max_seq_len=128, cache_dir=tmp_path)
+    assert set(inspect_program(model.pte_path.parent).delegates) == {"OpenvinoBackend"}
+    assert model.program.metadata.max_seq_len == 1  # static shapes: the prompt goes in a token at a time
+    tok = model.tokenizer
+    ids = tok.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}],
+                                  add_generation_prompt=True, return_tensors="pt", return_dict=True)["input_ids"]
+    out = model.generate(ids, max_new_tokens=16, do_sample=False)
+    answer = tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
+    assert "Paris" in answer, answer
+
+
+@needs_openvino
 def test_a_backend_missing_from_the_runtime_is_named_before_executorch_fails(exported, monkeypatch):
     folder, _, _ = exported("llama-llama3rope", "openvino")
     monkeypatch.setattr(delegates, "registered_backends", lambda: frozenset({"XnnpackBackend"}))
