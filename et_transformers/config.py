@@ -37,22 +37,27 @@ DTYPES: dict[str, str] = {
 
 #: Backends a program can be lowered to: XNNPACK (CPU kernels for float and 8-bit-activation quantized
 #: layers), ``portable`` (no delegate: ExecuTorch's own kernels run everything) and OpenVINO (Intel's
-#: runtime, CPU here; ``pip install "et-transformers[openvino]"``) and Vulkan (GPUs through Vulkan
-#: compute; exported here, run by ExecuTorch builds with Vulkan, which no pip wheel is).
+#: runtime, CPU here; ``pip install "et-transformers[openvino]"``), Vulkan (GPUs through Vulkan
+#: compute; exported here, run by ExecuTorch builds with Vulkan, which no pip wheel is) and Core ML
+#: (Apple devices; exported here with the coremltools that comes with executorch, run by an Apple
+#: device's ExecuTorch runtime with the Core ML backend).
 #: ``ExportConfig.backend`` takes one name or an ordered tuple of delegating ones; which partitioners
 #: each maps to is the table in :mod:`et_transformers.export.backends`.
-BACKENDS: tuple[str, ...] = ("xnnpack", "portable", "openvino", "vulkan")
+BACKENDS: tuple[str, ...] = ("xnnpack", "portable", "openvino", "vulkan", "coreml")
 
 #: How each backend is called in text (model cards, ``inspect``).
 BACKEND_TITLES: dict[str, str] = {
     "xnnpack": "XNNPACK", "portable": "portable kernels", "openvino": "OpenVINO", "vulkan": "Vulkan",
+    "coreml": "Core ML",
 }
 
 #: Backends whose ExecuTorch runtime cannot run a delegate with dynamic shapes (the OpenVINO delegate
 #: binds ExecuTorch's tensors as they are planned, never resizes its outputs, and fails on them
-#: with Internal, 0x1): a program with one of them takes one token per ``forward`` call
-#: (``get_max_seq_len`` = 1; prompts are prefilled a token at a time), and returns one position's logits.
-SINGLE_TOKEN_BACKENDS: tuple[str, ...] = ("openvino",)
+#: with Internal, 0x1), and Core ML (ExecuTorch's own LLM export refuses dynamic shapes with it; with
+#: them every reshape reads the symbolic length, which cuts each layer into many small delegates): a
+#: program with one of them takes one token per ``forward`` call (``get_max_seq_len`` = 1; prompts
+#: are prefilled a token at a time), and returns one position's logits.
+SINGLE_TOKEN_BACKENDS: tuple[str, ...] = ("openvino", "coreml")
 
 #: OpenVINO quantizes with its own weight compression (NNCF) when it comes first, and NNCF treats the
 #: embedding and the head as one pair ("first and last layers"): the ``(qlinear, head scheme,
@@ -87,8 +92,16 @@ FOUR_BIT_SCHEMES: tuple[str, ...] = ("8da4w", "4w")
 #: Group size of 4-bit weights when none is given, per (first) backend: 32 on XNNPACK (channelwise
 #: 4-bit costs +160% perplexity on SmolLM2-135M, see the README), per channel (``None``) on the
 #: portable kernels, which dequantize per output channel only, and 128 on OpenVINO (NNCF's default
-#: for int4 weight compression, and ExecuTorch's OpenVINO LLM recipe's).
-DEFAULT_GROUP_SIZE: dict[str, int | None] = {"xnnpack": 32, "portable": None, "openvino": 128}
+#: for int4 weight compression, and ExecuTorch's OpenVINO LLM recipe's), and 32 on Core ML (the block
+#: of ExecuTorch's Core ML ``b4w`` weights).
+DEFAULT_GROUP_SIZE: dict[str, int | None] = {"xnnpack": 32, "portable": None, "openvino": 128, "coreml": 32}
+
+#: Core ML first: the dtypes it computes in (no bfloat16 in Core ML), and the weight-only schemes it
+#: stores as 4/8-bit constants (linear layers through ``torchao.dequantize_affine``, the embedding
+#: through ``embedding_4bit``; ExecuTorch's 8-bit embedding lookup is not a Core ML operator).
+COREML_DTYPES: tuple[str, ...] = ("float16", "float32")
+COREML_QLINEAR: tuple[str | None, ...] = (None, "4w", "8w")
+COREML_QEMBEDDING: tuple[str | None, ...] = (None, "4w")
 
 #: XNNPACK delegates groupwise weights only in groups that are multiples of this
 #: (``executorch/backends/xnnpack/operators/node_visitor.py``, ``_check_per_channel_group_params``:
@@ -166,22 +179,24 @@ def _normalise_backend(value: Any) -> str | tuple[str, ...]:
     return names[0] if len(names) == 1 else tuple(names)
 
 
-def _check_openvino_support(cfg: "ExportConfig") -> None:
-    """Refuse what a program with OpenVINO delegates cannot do, or what this package has not verified.
-
-    The OpenVINO delegate runs one token per call (:data:`SINGLE_TOKEN_BACKENDS`), so a wider head
-    has nothing to verify. When OpenVINO comes first, quantization is its own (NNCF weight
-    compression, :data:`OPENVINO_COMPRESSIONS`): the 8-bit-activation schemes and ``q4_0`` are
-    XNNPACK's and our kernels' vocabulary, and only float32 activations were verified token for token.
-    """
+def _check_single_token(cfg: "ExportConfig") -> None:
+    """A program with a :data:`SINGLE_TOKEN_BACKENDS` backend runs one token per call, so a wider head
+    has nothing to verify."""
     k = cfg.verify_tokens
     if k is not None and k > 1:
+        single = [BACKEND_TITLES[b] for b in cfg.backends if b in SINGLE_TOKEN_BACKENDS]
         raise InvalidConfigError(
-            f"verify_tokens={k} cannot run with backend={cfg.backend!r}: OpenVINO delegates take one token per "
+            f"verify_tokens={k} cannot run with backend={cfg.backend!r}: {single[0]} delegates take one token per "
             f"forward call, so there is no draft to verify. Leave verify_tokens out (1), or use backend='xnnpack'."
         )
-    if cfg.backends[0] != "openvino":
-        return
+
+
+def _check_openvino_support(cfg: "ExportConfig") -> None:
+    """OpenVINO first: refuse what a program with OpenVINO delegates cannot do, or what this package
+    has not verified. Quantization is its own (NNCF weight compression,
+    :data:`OPENVINO_COMPRESSIONS`): the 8-bit-activation schemes and ``q4_0`` are XNNPACK's and our
+    kernels' vocabulary, and only float32 activations were verified token for token.
+    """
     if cfg.dtype != "float32":
         raise InvalidConfigError(
             f"dtype={cfg.dtype!r} is not supported with backend={cfg.backend!r} first: only float32 programs were "
@@ -233,6 +248,30 @@ def _check_vulkan_support(cfg: "ExportConfig") -> None:
             )
 
 
+def _check_coreml_support(cfg: "ExportConfig") -> None:
+    """Core ML first: its dtypes (:data:`COREML_DTYPES`) and weight-only schemes
+    (:data:`COREML_QLINEAR`, :data:`COREML_QEMBEDDING`); the 8-bit-activation schemes and ``q4_0``
+    are XNNPACK's and our kernels' vocabulary, and the int8 KV cache's attention is not verified."""
+    if cfg.dtype not in COREML_DTYPES:
+        raise InvalidConfigError(
+            f"dtype={cfg.dtype!r} is not supported with backend={cfg.backend!r} first: Core ML computes in "
+            f"{' or '.join(COREML_DTYPES)}. Use dtype='float16' (recipe 'coreml-fp16') or 'float32'."
+        )
+    for field, value, allowed in (("qlinear", cfg.qlinear, COREML_QLINEAR), ("qhead", cfg.head_scheme, COREML_QLINEAR),
+                                  ("qembedding", cfg.qembedding, COREML_QEMBEDDING)):
+        if value not in allowed:
+            raise InvalidConfigError(
+                f"{field}={value!r} is not supported with backend={cfg.backend!r} first: Core ML takes weight-only "
+                f"{[a for a in allowed if a]} (float activations). Use one of those (recipe 'coreml-4w'), or put "
+                f"'xnnpack' first."
+            )
+    if cfg.kv_cache_dtype:
+        raise InvalidConfigError(
+            f"kv_cache_dtype={cfg.kv_cache_dtype!r} is not supported with backend={cfg.backend!r} first (not "
+            f"verified with Core ML). Leave kv_cache_dtype out, or put 'xnnpack' first."
+        )
+
+
 def _check_backend_support(cfg: "ExportConfig") -> None:
     """Refuse combinations the backend cannot run as asked (rather than quietly running float).
 
@@ -242,7 +281,8 @@ def _check_backend_support(cfg: "ExportConfig") -> None:
     it, minutes into an export) and fails at run time on bf16 activations with 8-bit weights; the
     portable kernels dequantize weights per output channel only (group-wise weights would be
     folded back to float at export). The quantization is for the first backend of a list (the
-    one offered the quantized layers first); OpenVINO's rules are :func:`_check_openvino_support`.
+    one offered the quantized layers first); OpenVINO's, Vulkan's and Core ML's rules are
+    :func:`_check_openvino_support`, :func:`_check_vulkan_support` and :func:`_check_coreml_support`.
     Runs after :meth:`ExportConfig._resolve_quantization`.
     """
     scheme, gs = cfg.qlinear, cfg.qlinear_group_size
@@ -253,10 +293,10 @@ def _check_backend_support(cfg: "ExportConfig") -> None:
             f"4-bit either way), got dtype={cfg.dtype!r}; use dtype='float32' or {own[0]}='8da4w'."
         )
     if any(b in SINGLE_TOKEN_BACKENDS for b in cfg.backends):
-        _check_openvino_support(cfg)
-    if cfg.backends[0] == "vulkan":
-        _check_vulkan_support(cfg)
-    if cfg.backends[0] in ("openvino", "vulkan"):
+        _check_single_token(cfg)
+    first = {"openvino": _check_openvino_support, "vulkan": _check_vulkan_support, "coreml": _check_coreml_support}
+    if cfg.backends[0] in first:
+        first[cfg.backends[0]](cfg)
         return
     if cfg.backends[0] == "xnnpack":
         if cfg.qhead in ("4w", "8w"):
@@ -303,7 +343,8 @@ class ExportConfig:
             (``"fp32"``, ``"bf16"``, ``"fp16"`` are accepted and normalised).
         backend: ``"xnnpack"`` (default; delegates to XNNPACK), ``"portable"`` (no delegate) or
             ``"openvino"`` (OpenVINO delegates; one token per call), ``"vulkan"`` (float32 only; runs
-            on ExecuTorch builds with Vulkan, not here), or an ordered tuple of the
+            on ExecuTorch builds with Vulkan, not here), ``"coreml"`` (Core ML delegates, one token per
+            call; runs on Apple devices, not here), or an ordered tuple of the
             delegating ones, e.g. ``("openvino", "xnnpack")``: each backend's partitioners are offered
             the graph in that order, so the first takes every operator it supports and the next gets
             what is left. The quantization fields are for the first backend. A one-name tuple is
@@ -577,6 +618,11 @@ RECIPES: dict[str, dict[str, Any]] = {
     "openvino-4w": {"backend": "openvino", "qlinear": "4w", "qhead": "8w", "qembedding": "8w"},
     # Vulkan GPUs: exported here, run elsewhere (no pip wheel's runtime has Vulkan)
     "vulkan-fp32": {"backend": "vulkan"},
+    # Core ML (Apple devices): exported here, run there; one token per call, attention and the KV cache
+    # on ExecuTorch's kernels between Core ML subgraphs. -4w: int4 weight-only linears in blocks of 32
+    # (ExecuTorch's Core ML b4w), the head too, and a 4-bit embedding
+    "coreml-fp16": {"backend": "coreml", "dtype": "float16"},
+    "coreml-4w": {"backend": "coreml", "dtype": "float16", "qlinear": "4w", "qembedding": "4w"},
 }
 #: The default where our kernels cannot run here (another CPU or OS, no C++ compiler), and for
 #: programs that must run on a stock ExecuTorch runtime (phones, the C++ runner without us).

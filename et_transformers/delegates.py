@@ -95,6 +95,12 @@ DELEGATES: dict[str, DelegateRuntime] = {
         "vulkan", "run it with an ExecuTorch runtime built with Vulkan (EXECUTORCH_BUILD_VULKAN=ON, e.g. an "
                   "Android app); no executorch pip wheel includes it",
     ),
+    # The Core ML delegate runs only on Apple OSes: no Linux executorch wheel registers it.
+    "CoreMLBackend": DelegateRuntime(
+        "coreml", "run it on an Apple device (iOS 18 / macOS 15 or later) with an ExecuTorch runtime built with "
+                  "the Core ML backend (EXECUTORCH_BUILD_COREML=ON, e.g. the iOS frameworks' backend_coreml); no "
+                  "Linux executorch pip wheel includes it",
+    ),
 }
 
 

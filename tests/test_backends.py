@@ -1,4 +1,4 @@
-"""Backends beyond XNNPACK (et_transformers.export.backends, .export.openvino, .delegates).
+"""Backends beyond XNNPACK (et_transformers.export.backends, .export.openvino, .export.coreml, .delegates).
 
 OpenVINO fp32 programs of several tiny families give transformers' eager greedy tokens; an ordered
 backend list gives its first backend first pick of the operators (read back from the program's
@@ -279,6 +279,82 @@ def test_vulkan_programs_are_float_only():
     assert ExportConfig(backend=("xnnpack", "vulkan"), qlinear="8da4w").qlinear_group_size == 32
 
 
+# -- Core ML: exported here, run on Apple devices ---------------------------------------------------------
+
+
+def _coreml_missing() -> str | None:
+    try:
+        from executorch.backends.apple.coreml.partition import CoreMLPartitioner  # noqa: F401  (imports coremltools)
+    except ImportError as e:
+        return f"Core ML's AOT package (coremltools, ExecuTorch's CoreMLPartitioner) does not import here ({e})"
+    return None
+
+
+needs_coreml = pytest.mark.skipif(_coreml_missing() is not None, reason=str(_coreml_missing()))
+
+
+@needs_coreml
+def test_coreml_takes_all_but_attention_and_the_cache_and_this_runtime_refuses_it_by_name(exported, tmp_path):
+    folder, _, exporter = exported("llama-llama3rope", "coreml", dtype="float16")
+    assert set(exporter.delegation_by_backend()) == {"CoreMLBackend"}
+    table = exporter.delegation_table()
+    # llama.custom_sdpa and update_cache (under auto_functionalized) are not Core ML ops; the start
+    # position (.item(), a SymInt, and its 0-d tensor) stays out of the delegates
+    assert table["by_operator"]["llama_custom_sdpa_default"] == [0, 2]
+    assert table["by_operator"]["auto_functionalized_v2"] == [0, 4]
+    assert table["by_operator"]["_local_scalar_dense"] == [0, 1]
+    assert table["by_operator"]["aten_linear_default"][1] == 0  # every linear is Core ML's
+    report = inspect_program(folder)
+    assert report.delegates == {"CoreMLBackend": 5}  # two subgraphs per layer (around attention), and the head's
+    assert report.metadata["get_max_seq_len"] == 1 and report.metadata["enable_dynamic_shape"] is False
+    if "CoreMLBackend" in delegates.registered_backends():  # an Apple runtime with Core ML runs it
+        ETModelForCausalLM.from_pretrained(folder)
+        return
+    with pytest.raises(ProgramError, match=r"CoreMLBackend \(backend 'coreml'\).*does not include.*Apple device.*"
+                                           r"built with the Core ML backend"):
+        ETModelForCausalLM.from_pretrained(folder)
+    with pytest.raises(ProgramError, match=r"a program for backend='coreml' \(export_to_pte and `et-transformers "
+                                           r"export` build one for another device\)"):
+        ETModelForCausalLM.from_pretrained(folder.parent / "source", recipe="coreml-fp16", cache_dir=tmp_path)
+    assert not any(tmp_path.rglob("model.pte"))  # refused before exporting
+
+
+@needs_coreml
+def test_cli_exports_coreml_4w_with_int4_weights_inside_the_delegates(exported, tmp_path):
+    fp16_folder = exported("llama-llama3rope", "coreml", dtype="float16")[0]
+    proc = run_cli("export", fp16_folder.parent / "source", "-o", tmp_path / "out", "--recipe", "coreml-4w",
+                   "--max-seq-len", str(MAX_SEQ_LEN))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    inspected = run_cli("inspect", tmp_path / "out")
+    assert inspected.returncode == 0 and f"export config: coreml-4w, ctx {MAX_SEQ_LEN}" in inspected.stdout
+    assert re.search(r"delegation: 5 CoreMLBackend \(5 subgraphs\)", inspected.stdout)
+    table = {row.op_type: (row.delegated, row.non_delegated) for row in inspect_program(tmp_path / "out").operators}
+    assert table["torchao_dequantize_affine_default"] == (2 * 7 + 1, 0)  # every linear and the head: Core ML's
+    assert table["quantized_decomposed_embedding_4bit_dtype"] == (1, 0)
+    pte = (tmp_path / "out" / "model.pte").read_bytes()
+    assert b"constexpr_blockwise_shift_scale" in pte  # Core ML stores the int4 weights, dequantized in the model
+    assert len(pte) < 0.75 * os.path.getsize(fp16_folder / "model.pte")
+
+
+@pytest.mark.parametrize("fields, message", [
+    ({"qlinear": "8da4w"}, r"qlinear='8da4w' is not supported with backend='coreml' first: Core ML takes weight-only"),
+    ({"qlinear": "4w", "qhead": "8da8w"}, r"qhead='8da8w' is not supported with backend='coreml' first"),
+    ({"qembedding": "8w"}, r"qembedding='8w' is not supported.*\['4w'\]"),
+    ({"dtype": "bfloat16"}, r"dtype='bfloat16' is not supported with backend='coreml' first: Core ML computes in"),
+    ({"verify_tokens": 4}, r"verify_tokens=4 cannot run.*Core ML delegates take one token per forward call"),
+    ({"kv_cache_dtype": "int8"}, r"kv_cache_dtype='int8' is not supported with backend='coreml' first"),
+])
+def test_what_coreml_cannot_do_is_refused(fields, message):
+    with pytest.raises(InvalidConfigError, match=message):
+        ExportConfig(backend="coreml", **fields)
+
+
+def test_coreml_programs_take_one_token_per_call_and_its_4_bit_weights_groups_of_32():
+    assert ExportConfig(backend="coreml").tokens_per_call == 1
+    assert ExportConfig(backend="coreml", qlinear="4w").qlinear_group_size == 32
+    assert ExportConfig(backend=("xnnpack", "coreml"), qlinear="8da4w").tokens_per_call == 1
+
+
 # -- configs ------------------------------------------------------------------------------------------
 
 
@@ -294,8 +370,8 @@ def test_backend_lists_are_ordered_and_one_name_keeps_the_old_key():
 
 
 @pytest.mark.parametrize("backend, message", [
-    ("cuda", r"'cuda' is not a supported backend; use one of \['xnnpack', 'portable', 'openvino', 'vulkan'\]"),
-    (("openvino", "coreml"), r"'coreml' is not a supported backend"),
+    ("cuda", r"'cuda' is not a supported backend; use one of \['xnnpack', 'portable', 'openvino', 'vulkan', 'coreml'\]"),
+    (("openvino", "metal"), r"'metal' is not a supported backend"),
     (("xnnpack", "xnnpack"), r"names a backend twice"),
     (("xnnpack", "portable"), r"'portable' delegates nothing.*use backend='portable' alone"),
     ((), r"backend=\(\) is not valid: give one of"),

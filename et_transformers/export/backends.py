@@ -6,7 +6,8 @@ per name, which ExecuTorch partitioners lower to it, which operators it wants ke
 compression), if any. :func:`partitioners_for` concatenates the partitioners in the config's order,
 so the first backend is offered every operator first and the next one only what is left.
 
-OpenVINO's partitioner and quantizer, and what they do to a language model, are in :mod:`.openvino`.
+OpenVINO's partitioner and quantizer, and what they do to a language model, are in :mod:`.openvino`;
+Core ML's partitioner and compile specs in :mod:`.coreml`.
 """
 
 from __future__ import annotations
@@ -36,6 +37,9 @@ class Backend:
             ``config -> (graph module -> (compressed graph module, report))``, or ``None`` when the
             config asks none. ``None`` here: the backend has none, and ``quantize_model``'s source
             transforms (ExecuTorch's quantized-op vocabulary) serve it.
+        weight_ops: the ops weight-only linear layers dequantize with when the backend comes first:
+            ``"quantized_decomposed"`` (ExecuTorch's vocabulary) or ``"torchao"``
+            (``torchao.dequantize_affine``, which Core ML's converter turns into 4/8-bit constants).
     """
 
     name: str
@@ -43,6 +47,7 @@ class Backend:
     partitioners: Callable[[ExportConfig], list]
     keep_ops: Callable[[], tuple] = tuple
     quantizer: Callable[[ExportConfig], Any] | None = None
+    weight_ops: str = "quantized_decomposed"
 
 
 # -- XNNPACK ------------------------------------------------------------------------------
@@ -101,12 +106,27 @@ def _vulkan_partitioners(cfg: ExportConfig) -> list:
     return [VulkanPartitioner({"require_dynamic_shapes": cfg.tokens_per_call > 1, "force_fp16": False})]
 
 
+# -- Core ML (the partitioner and compile specs live in .coreml, which imports coremltools) -----------
+
+
+def _coreml_partitioners(cfg: ExportConfig) -> list:
+    from .coreml import CoreMLLLMPartitioner
+
+    return [CoreMLLLMPartitioner(cfg)]
+
+
+def _coreml_keep_ops() -> tuple:
+    # Core ML converts linear whole (its own op, and the one its int4/int8 weights feed)
+    return (torch.ops.aten.linear.default,)
+
+
 #: The table: backend name -> how to lower to it. Keys are exactly ``config.BACKENDS``.
 BACKEND_TABLE: dict[str, Backend] = {
     "xnnpack": Backend("xnnpack", "XnnpackBackend", _xnnpack_partitioners, _xnnpack_keep_ops),
     "portable": Backend("portable", None, lambda cfg: []),
     "openvino": Backend("openvino", "OpenvinoBackend", _openvino_partitioners, _openvino_keep_ops, _openvino_quantizer),
     "vulkan": Backend("vulkan", "VulkanBackend", _vulkan_partitioners),
+    "coreml": Backend("coreml", "CoreMLBackend", _coreml_partitioners, _coreml_keep_ops, weight_ops="torchao"),
 }
 assert tuple(BACKEND_TABLE) == BACKENDS, "export.backends.BACKEND_TABLE and config.BACKENDS name the same backends"
 
@@ -135,6 +155,12 @@ def partitioners_for(cfg: ExportConfig) -> list:
 def keep_ops_for(cfg: ExportConfig) -> list:
     """Operators ``to_edge`` keeps whole: the first backend's (the later ones take what is left)."""
     return list(BACKEND_TABLE[cfg.backends[0]].keep_ops())
+
+
+def weight_ops_for(cfg: ExportConfig) -> str:
+    """The ops ``cfg``'s weight-only linear layers dequantize with: the first backend's
+    :attr:`Backend.weight_ops`."""
+    return BACKEND_TABLE[cfg.backends[0]].weight_ops
 
 
 def quantizes_graph(cfg: ExportConfig) -> bool:

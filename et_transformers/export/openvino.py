@@ -8,8 +8,8 @@ Imported only when a config names the ``openvino`` backend: it imports the OpenV
   tensor as a delegate input or output (``execute`` fails with Internal, 0x1) and OpenVINO's
   compiler cannot take a ``SymInt`` input (``'SymInt' object has no attribute 'type'``).
   :class:`OpenvinoLLMPartitioner` never delegates a ``SymInt``-valued node, and leaves to
-  ExecuTorch every node that would pass a 0-d tensor across a delegate boundary (repartitioning
-  until none does); a 0-d value read only inside its delegate (NNCF's scalar zero points) stays.
+  ExecuTorch every node that would pass a 0-d tensor across a delegate boundary
+  (:mod:`.boundaries`); a 0-d value read only inside its delegate (NNCF's scalar zero points) stays.
 * The delegate never resizes its outputs, so programs with it are built with static shapes, one
   token per call (``config.SINGLE_TOKEN_BACKENDS``).
 * ``llama.custom_sdpa`` and ``llama.update_cache`` are not OpenVINO operators: attention and the
@@ -29,17 +29,14 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
-import operator
 
 import torch
 from executorch.backends.openvino.partitioner import OpenvinoOperatorsSupport, OpenvinoPartitioner
 from executorch.exir.backend.backend_details import CompileSpec
 from executorch.exir.backend.partitioner import Partitioner, PartitionResult
-from executorch.exir.backend.utils import tag_constant_data
-from torch.fx.passes.infra.partitioner import CapabilityBasedPartitioner
-from torch.fx.passes.operator_support import OperatorSupportBase
 
 from ..config import ExportConfig
+from .boundaries import tag_bindable_partitions
 
 logger = logging.getLogger(__name__)
 
@@ -48,47 +45,6 @@ OPENVINO_DEVICE = "CPU"
 
 #: Smallest int4 group a layer's group is reduced to when ``qlinear_group_size`` does not divide its inputs.
 MIN_ADJUSTED_GROUP = 32
-
-
-def _outputs(node: torch.fx.Node) -> list:
-    value = node.meta.get("val")
-    return list(value) if isinstance(value, (list, tuple)) else [value]
-
-
-def _bindable(value) -> bool:
-    return isinstance(value, torch.Tensor) and value.dim() > 0
-
-
-class _Support(OperatorSupportBase):
-    """OpenVINO's operator support, minus nodes with a non-tensor output (``SymInt``) and the nodes
-    in ``banned`` (found by :func:`_unbindable_boundaries`)."""
-
-    def __init__(self, openvino_support: OpenvinoOperatorsSupport, banned: set[str]):
-        self.openvino_support = openvino_support
-        self.banned = banned
-
-    def is_node_supported(self, submodules, node: torch.fx.Node) -> bool:
-        return (node.name not in self.banned and all(isinstance(v, torch.Tensor) for v in _outputs(node))
-                and self.openvino_support.is_node_supported(submodules, node))
-
-
-def _unbindable_boundaries(partitions) -> set[str]:
-    """Nodes of ``partitions`` that would pass a 0-d tensor across their delegate's boundary: ones
-    that read such a value from outside, or write one that is read outside. (Parameters and
-    constants go into the delegate, so placeholders are not boundaries; a 0-d value whose readers
-    are all in the same delegate, as NNCF's scalar zero points are, is fine.)"""
-    offenders = set()
-    for partition in partitions:
-        inside = set(partition.nodes)
-        for node in inside:
-            reads = [n for n in node.all_input_nodes if n not in inside and n.op != "placeholder"]
-            # a getitem inside reads one element of an outside tuple: that element (its own output) crosses
-            crossing = [_outputs(node)] if node.target is operator.getitem else [_outputs(n) for n in reads]
-            if reads and not all(_bindable(v) for values in crossing for v in values):
-                offenders.add(node.name)
-            if any(user not in inside for user in node.users) and not all(map(_bindable, _outputs(node))):
-                offenders.add(node.name)
-    return offenders
 
 
 class OpenvinoLLMPartitioner(Partitioner):
@@ -118,29 +74,14 @@ class OpenvinoLLMPartitioner(Partitioner):
         self.inner.capture_nncf_patterns(gm)
         # The inner partitioner's set of NNCF pattern nodes it accepts whatever their op.
         openvino_support = OpenvinoOperatorsSupport(enabled_ops_by_name=self.inner._enabled_ops_by_name)
-        banned: set[str] = set()
         printed = io.StringIO()
         with contextlib.redirect_stdout(printed):  # "Op not supported: ..." per node it declines
-            while True:  # leave out nodes at unbindable boundaries until there are none (banned only grows)
-                partitions = CapabilityBasedPartitioner(
-                    gm, _Support(openvino_support, banned), allows_single_node_partition=True
-                ).propose_partitions()
-                offenders = _unbindable_boundaries(partitions)
-                if not offenders:
-                    break
-                banned |= offenders
+            result, banned = tag_bindable_partitions(exported_program, openvino_support, self.delegation_spec, "openvino")
         if banned:
             logger.debug("OpenVINO partitioner: left to ExecuTorch at 0-d boundaries: %s", sorted(banned))
         for line in sorted(set(printed.getvalue().splitlines())):
             logger.debug("OpenVINO partitioner: %s", line)
-        tags = {}
-        for partition in partitions:
-            tag = f"openvino{partition.id}"
-            for node in partition.nodes:
-                node.meta["delegation_tag"] = tag
-            tags[tag] = self.delegation_spec
-        tag_constant_data(exported_program)
-        return PartitionResult(tagged_exported_program=exported_program, partition_tags=tags)
+        return result
 
 
 def compress_weights(gm: torch.fx.GraphModule, cfg: ExportConfig) -> tuple[torch.fx.GraphModule, dict]:

@@ -9,7 +9,9 @@ kernels consume directly:
 * ``8da4w`` / ``8da8w``: per-token dynamic int8 activations (``choose_qparams_per_token_asymmetric``
   → ``quantize_per_token`` → ``dequantize_per_token``) times dequantized int4/int8 weights; XNNPACK
   fuses the pattern into one dynamically-quantized GEMM;
-* ``4w`` / ``8w``: float activations times dequantized weights;
+* ``4w`` / ``8w``: float activations times dequantized weights (with Core ML first, dequantized
+  by torchao's ``dequantize_affine``, the op Core ML's converter stores as 4/8-bit constants:
+  ``Backend.weight_ops`` in :mod:`.backends`);
 * ``q4_0``: our own kernel, ``et_transformers::q4_linear`` (:mod:`et_transformers.kernels`): int4
   weights in groups of 32 with float16 scales, activations quantized to int8 per block of 32
   inside the kernel (llama.cpp's Q4_0 x Q8_0 arithmetic); a layer whose shape the kernel's layout
@@ -110,11 +112,17 @@ class QuantizedLinear(nn.Module):
         group_size: elements per scale along the input dim (``in`` for per-channel).
         dynamic_activations: quantize activations per token to int8 on the fly.
         bias: optional float bias.
+        affine: dequantize with torchao's ``dequantize_affine`` (what Core ML converts) instead of
+            ``quantized_decomposed`` (what XNNPACK and ExecuTorch's kernels take); weight-only only.
     """
 
-    def __init__(self, qdata, scale, bits: int, group_size: int, dynamic_activations: bool, bias=None):
+    def __init__(self, qdata, scale, bits: int, group_size: int, dynamic_activations: bool, bias=None,
+                 affine: bool = False):
         super().__init__()
+        if affine and dynamic_activations:
+            raise ValueError("affine dequantization is for weight-only layers (no dynamic activations).")
         self.bits, self.group_size, self.dynamic_activations = bits, group_size, dynamic_activations
+        self.affine = affine
         self.in_features, self.out_features = qdata.shape[1], qdata.shape[0]
         if self.per_channel:
             scale = scale.reshape(-1)  # [out]: the graph must see the buffer itself, not a view of it
@@ -137,6 +145,12 @@ class QuantizedLinear(nn.Module):
         """The float weight these int values stand for."""
         qd = _qd()
         qmin, qmax = -(1 << (self.bits - 1)), (1 << (self.bits - 1)) - 1
+        if self.affine:
+            import torchao.quantization.quant_primitives  # noqa: F401  (registers torchao::dequantize_affine)
+
+            return torch.ops.torchao.dequantize_affine(
+                self.qdata, [1, self.group_size], self.scale, None, torch.int8, qmin, qmax, dtype
+            )
         if self.per_channel:
             return qd.dequantize_per_channel(
                 self.qdata, self.scale, self.zero_point, 0, qmin, qmax, torch.int8, out_dtype=dtype
@@ -389,6 +403,9 @@ def quantize_model(
     """
     from executorch.extension.llm.export.quantize import _make_embedding_config, _make_linear_config
 
+    from .backends import weight_ops_for
+
+    affine = weight_ops_for(config) == "torchao"
     report: dict[str, dict] = {}
     dtype = dtype or config.torch_dtype
     head = output_head_name(model)
@@ -421,7 +438,7 @@ def quantize_model(
                 bits, dynamic = LINEAR_SCHEMES[scheme]
                 qdata, scale = _torchao_quantize(weight, _make_linear_config(scheme, group), dtype)
                 bias = None if module.bias is None else module.bias.to(dtype)
-                new = QuantizedLinear(qdata, scale, bits, group or weight.shape[1], dynamic, bias)
+                new = QuantizedLinear(qdata, scale, bits, group or weight.shape[1], dynamic, bias, affine=affine)
             else:
                 scheme, requested = config.qembedding, config.qembedding_group_size
                 group = _group_size_for(name, weight.shape[1], requested, scheme, fallbacks)
