@@ -14,6 +14,13 @@ OpenVINO: the executorch wheel's runtime ``dlopen``\\ s ``libopenvino_c.so``, fr
 or else by that name on the library search path; the ``openvino`` pip package ships it versioned
 (``openvino/libs/libopenvino_c.so.2541``), so :func:`locate_openvino` sets ``OPENVINO_LIB_PATH`` to
 the file it finds, unless the user set it.
+
+OpenVINO's CPU plugin runs float32 subgraphs in bfloat16 by default on CPUs with bfloat16 units
+(AVX512_BF16, AMX), and the delegate imports its compiled subgraphs without properties, so an
+``INFERENCE_PRECISION_HINT`` given at export is lost. :func:`pin_openvino_float32` (called before
+OpenVINO compiles at export and before an OpenVINO program loads) caps oneDNN's instruction set
+below bfloat16 through ``ONEDNN_MAX_CPU_ISA``, which the plugin's precision default follows, so our
+float32 programs compute in float32 there too.
 """
 
 from __future__ import annotations
@@ -36,6 +43,49 @@ OPENVINO_LIB_VAR = "OPENVINO_LIB_PATH"
 OPENVINO_INSTALL = 'pip install "et-transformers[openvino]"'
 
 
+#: oneDNN's instruction-set cap, read once per process when its first kernel is chosen.
+ONEDNN_ISA_VAR = "ONEDNN_MAX_CPU_ISA"
+#: The cap per CPU flag that makes OpenVINO's CPU plugin default to bfloat16: the ISA just below it.
+FLOAT32_ISA_CAPS = (("amx_bf16", "AVX512_CORE_VNNI"), ("avx512_bf16", "AVX512_CORE_VNNI"),
+                    ("avx_ne_convert", "AVX2_VNNI"))
+
+
+def _cpu_flags() -> set[str]:
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return set()
+    line = next((line for line in text.splitlines() if line.startswith("flags")), "")
+    return set(line.partition(":")[2].split())
+
+
+def pin_openvino_float32() -> str | None:
+    """Keep OpenVINO's CPU plugin in float32 on a CPU with bfloat16 units; return the cap set, if any.
+
+    The plugin defaults to bfloat16 inference there, which would make our float32 OpenVINO programs
+    differ from their float32 source; ExecuTorch's OpenVINO delegate imports subgraphs with no
+    properties, so the only lever is oneDNN's instruction-set cap (``ONEDNN_MAX_CPU_ISA``, just
+    below the bfloat16 instructions), which the plugin's default follows. It is set only when
+    neither it nor ``DNNL_MAX_CPU_ISA`` is set already (a user's own cap wins: a warning says the
+    programs may then compute in bfloat16), and it acts only if set before the process's first
+    OpenVINO CPU compile (this package's exports and loads call this first). It also applies to
+    PyTorch's own oneDNN kernels in this process if they have not run yet (float32 ones lose nothing).
+    """
+    if os.environ.get(ONEDNN_ISA_VAR) or os.environ.get("DNNL_MAX_CPU_ISA"):
+        given = os.environ.get(ONEDNN_ISA_VAR) or os.environ.get("DNNL_MAX_CPU_ISA")
+        if given.upper() not in {cap for _, cap in FLOAT32_ISA_CAPS} and _cpu_flags() & {f for f, _ in FLOAT32_ISA_CAPS}:
+            logger.warning("oneDNN's ISA cap is %s as set by you: on this bfloat16-capable CPU OpenVINO may run "
+                           "float32 programs in bfloat16 (unset it to keep them exact).", given)
+        return None
+    flags = _cpu_flags()
+    cap = next((cap for flag, cap in FLOAT32_ISA_CAPS if flag in flags), None)
+    if cap is not None:
+        os.environ[ONEDNN_ISA_VAR] = cap
+        logger.info("This CPU has bfloat16 units: %s=%s so OpenVINO computes our float32 programs in float32.",
+                    ONEDNN_ISA_VAR, cap)
+    return cap
+
+
 def locate_openvino() -> Path | None:
     """Make the OpenVINO delegate's library findable; return the file it will load.
 
@@ -43,9 +93,12 @@ def locate_openvino() -> Path | None:
     ``openvino`` package (found without importing it), which is then put in ``OPENVINO_LIB_PATH``;
     else a ``libopenvino_c.so`` on ``LD_LIBRARY_PATH``; else ``None``.
 
+    Also pins OpenVINO to float32 (:func:`pin_openvino_float32`).
+
     Raises:
         ProgramError: ``OPENVINO_LIB_PATH`` names no file.
     """
+    pin_openvino_float32()
     given = os.environ.get(OPENVINO_LIB_VAR)
     if given:
         if not Path(given).is_file():

@@ -227,6 +227,22 @@ def test_a_missing_openvino_library_is_named(exported, monkeypatch):
         ETModelForCausalLM.from_pretrained(folder)
 
 
+def test_openvino_is_kept_in_float32_on_bfloat16_cpus(monkeypatch, caplog):
+    # Its CPU plugin would run float32 subgraphs in bfloat16 there (the fp32 tests above fail on an
+    # AMX machine without this); the pin is oneDNN's ISA cap, and a user's own cap wins.
+    for var in ("ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA"):
+        monkeypatch.setenv(var, "x")  # so monkeypatch restores the variable's absence too
+        monkeypatch.delenv(var)
+    monkeypatch.setattr(delegates, "_cpu_flags", lambda: {"avx2", "avx512f"})
+    assert delegates.pin_openvino_float32() is None and "ONEDNN_MAX_CPU_ISA" not in os.environ
+    monkeypatch.setattr(delegates, "_cpu_flags", lambda: {"avx2", "avx512f", "avx512_bf16", "amx_bf16"})
+    assert delegates.pin_openvino_float32() == "AVX512_CORE_VNNI" == os.environ["ONEDNN_MAX_CPU_ISA"]
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX512_CORE_AMX")
+    with caplog.at_level("WARNING", logger="et_transformers.delegates"):
+        assert delegates.pin_openvino_float32() is None
+    assert os.environ["ONEDNN_MAX_CPU_ISA"] == "AVX512_CORE_AMX" and "may run float32 programs in bfloat16" in caplog.text
+
+
 def test_openvino_lib_path_must_name_the_file(monkeypatch, tmp_path):
     monkeypatch.setenv(delegates.OPENVINO_LIB_VAR, str(tmp_path))
     with pytest.raises(ProgramError, match=r"OPENVINO_LIB_PATH=.* is not a file.*not a folder"):

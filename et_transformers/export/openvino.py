@@ -56,6 +56,9 @@ class OpenvinoLLMPartitioner(Partitioner):
     """
 
     def __init__(self, device: str = OPENVINO_DEVICE):
+        from ..delegates import pin_openvino_float32
+
+        pin_openvino_float32()  # before OpenVINO first compiles in this process (bfloat16 CPUs)
         self.inner = OpenvinoPartitioner([CompileSpec("device", device.encode())])
         super().__init__()
         self.delegation_spec = self.inner.delegation_spec
