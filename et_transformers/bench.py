@@ -340,18 +340,37 @@ def _worker(name: str, spec: BenchSpec) -> BenchResult:
     ).with_weight_bytes(weight_bytes)
 
 
+#: Runs its arguments as a command and writes the command's peak RSS (KiB) to ``$ET_BENCH_RSS``.
+#: A fresh interpreter, so the command is forked from a small process: Linux starts a forked
+#: child's RSS high-water mark at its parent's RSS, and ``exec`` keeps it, so a contender forked
+#: straight from a process holding a model would report that model's memory as its own.
+_LAUNCHER = (
+    "import os, sys\n"
+    "pid = os.fork()\n"
+    "if pid == 0:\n"
+    "    try:\n"
+    "        os.execvp(sys.argv[1], sys.argv[1:])\n"
+    "    finally:\n"
+    "        os._exit(127)\n"
+    "_, status, usage = os.wait4(pid, 0)\n"
+    "open(os.environ['ET_BENCH_RSS'], 'w').write(str(usage.ru_maxrss))\n"
+    "sys.exit(os.waitstatus_to_exitcode(status))\n"
+)
+
+
 def _run(cmd: list[str], folder: Path) -> tuple[int, str, str, float]:
     """Run ``cmd`` to completion: ``(exit code, stdout, stderr, peak RSS in MiB)``.
 
-    The peak RSS is the kernel's accounting for that process alone (``wait4``), which is why the
-    output goes through files rather than ``communicate()`` (that would reap the process first).
+    The peak RSS is the kernel's accounting for that process alone (``wait4`` in
+    :data:`_LAUNCHER`, a small process, so the figure does not include this one's memory).
     """
-    out_path, err_path = folder / "stdout", folder / "stderr"
+    out_path, err_path, rss_path = folder / "stdout", folder / "stderr", folder / "rss"
     with open(out_path, "w") as out, open(err_path, "w") as err:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=err, text=True)
-        _, status, usage = os.wait4(proc.pid, 0)
-    proc.returncode = os.waitstatus_to_exitcode(status)
-    return proc.returncode, out_path.read_text(), err_path.read_text(), usage.ru_maxrss / 1024  # KiB on Linux
+        proc = subprocess.run([sys.executable, "-c", _LAUNCHER, *cmd], stdout=out, stderr=err, text=True,
+                              env={**os.environ, "ET_BENCH_RSS": str(rss_path)})
+    if not rss_path.is_file():
+        raise OSError(f"cannot run {cmd[0]}: {_last_line(err_path.read_text())}")
+    return proc.returncode, out_path.read_text(), err_path.read_text(), int(rss_path.read_text()) / 1024  # KiB on Linux
 
 
 def _last_line(text: str) -> str:

@@ -10,6 +10,7 @@ import re
 import shutil
 import stat
 import subprocess
+import sys
 
 import pytest
 import torch
@@ -141,6 +142,18 @@ def test_profile_prints_operator_rows_with_xnnpack_delegate_events(cli_export, t
 FAKE_LLAMA_BENCH = """#!/bin/sh
 echo '[{"n_prompt": 16, "n_gen": 0, "avg_ts": 1234.5}, {"n_prompt": 0, "n_gen": 4, "avg_ts": 67.8}]'
 """
+
+
+def test_bench_peak_rss_is_the_contenders_own_not_the_callers(tmp_path):
+    # Linux starts a forked child's RSS high-water mark at its parent's RSS: a contender forked
+    # straight from a process holding 400 MB would report 400 MB.
+    from et_transformers import bench
+
+    held = bytearray(400 * 2**20)
+    held[:: 4096] = b"x" * len(held[:: 4096])  # touch every page
+    code, _, _, rss = bench._run([sys.executable, "-c", "pass"], tmp_path)
+    assert code == 0 and 1 < rss < 200, rss
+    del held
 
 
 def test_bench_compares_contenders_side_by_side(cli_export, tmp_path):
