@@ -107,12 +107,14 @@ def main() -> None:
         timed(model, batch[0], 8)
         timed(base, batch[0], 8)
     rates = {(kind, name): [] for kind in encoded for name in contenders}
+    per_prompt = {(kind, i, name): [] for kind, batch in encoded.items() for i in range(len(batch)) for name in contenders}
+    per_accept = {key: [0, 0] for key in per_prompt}
     accept = {(kind, name): [0, 0] for kind in encoded for name in contenders}
     diverged: dict = {}  # (kind, contender) -> new-token index where each differing output first differs
     for r in range(args.runs):
         order = list(contenders.items()) if r % 2 == 0 else list(contenders.items())[::-1]
         for kind, batch in encoded.items():
-            for ids in batch:
+            for i, ids in enumerate(batch):
                 plain_out = None
                 outs = {}
                 for name, kwargs in order:
@@ -120,6 +122,9 @@ def main() -> None:
                     who = kwargs.pop("_model", model)
                     rate, out, stats = timed(who, ids, args.new_tokens, **kwargs)
                     rates[(kind, name)].append(rate)
+                    per_prompt[(kind, i, name)].append(rate)
+                    per_accept[(kind, i, name)][0] += stats.drafted_tokens
+                    per_accept[(kind, i, name)][1] += stats.accepted_tokens
                     accept[(kind, name)][0] += stats.drafted_tokens
                     accept[(kind, name)][1] += stats.accepted_tokens
                     outs[name] = out
@@ -143,6 +148,16 @@ def main() -> None:
             drafted, accepted = accept[(kind, name)]
             acc = f"{accepted / drafted:.0%}" if drafted else "-"
             print(f"{kind:<12} {name:<15} {med:>7.1f} {med / base_rate:>8.2f}x {acc:>9}")
+    print("per prompt (the first words of each):")
+    for kind, batch in encoded.items():
+        for i, prompt in enumerate(PROMPTS[kind]):
+            base_rate = statistics.median(per_prompt[(kind, i, "plain, k=1")])
+            cells = []
+            for name in contenders:
+                drafted, accepted = per_accept[(kind, i, name)]
+                acc = f" ({accepted / drafted:.0%} of {drafted // args.runs})" if drafted else ""
+                cells.append(f"{name} {statistics.median(per_prompt[(kind, i, name)]) / base_rate:.2f}x{acc}")
+            print(f"  {prompt[:40]!r}: " + ", ".join(cells))
 
 
 def _commit() -> str:
