@@ -92,9 +92,11 @@ FOUR_BIT_SCHEMES: tuple[str, ...] = ("8da4w", "4w")
 #: Group size of 4-bit weights when none is given, per (first) backend: 32 on XNNPACK (channelwise
 #: 4-bit costs +160% perplexity on SmolLM2-135M, see the README), per channel (``None``) on the
 #: portable kernels, which dequantize per output channel only, and 128 on OpenVINO (NNCF's default
-#: for int4 weight compression, and ExecuTorch's OpenVINO LLM recipe's), and 32 on Core ML (the block
-#: of ExecuTorch's Core ML ``b4w`` weights).
-DEFAULT_GROUP_SIZE: dict[str, int | None] = {"xnnpack": 32, "portable": None, "openvino": 128, "coreml": 32}
+#: for int4 weight compression, and ExecuTorch's OpenVINO LLM recipe's), 32 on Core ML (the block
+#: of ExecuTorch's Core ML ``b4w`` weights) and on Vulkan (its ``linear_q4gsw`` takes any group that
+#: divides the input size; 32 is the quality of XNNPACK's default and divides more layers than 128).
+DEFAULT_GROUP_SIZE: dict[str, int | None] = {"xnnpack": 32, "portable": None, "openvino": 128, "coreml": 32,
+                                             "vulkan": 32}
 
 #: Core ML first: the dtypes it computes in (no bfloat16 in Core ML), and the weight-only schemes it
 #: stores as 4/8-bit constants (linear layers through ``torchao.dequantize_affine``, the embedding
@@ -102,6 +104,14 @@ DEFAULT_GROUP_SIZE: dict[str, int | None] = {"xnnpack": 32, "portable": None, "o
 COREML_DTYPES: tuple[str, ...] = ("float16", "float32")
 COREML_QLINEAR: tuple[str | None, ...] = (None, "4w", "8w")
 COREML_QEMBEDDING: tuple[str | None, ...] = (None, "4w")
+
+#: Vulkan first: the weight-only schemes its partitioner fuses into its own 4-bit operators
+#: (``executorch/backends/vulkan/patterns``): 4-bit linear layers (and head) with per-group scales
+#: become ``et_vk.linear_q4gsw``, a 4-bit ``embedding_4bit`` lookup ``et_vk.embedding_q4gsw``. Vulkan
+#: has no weight-only 8-bit linear (8-bit weights would be dequantized to float on every call) and
+#: no 8-bit embedding lookup (``embedding_byte`` would run outside the delegate).
+VULKAN_QLINEAR: tuple[str | None, ...] = (None, "4w")
+VULKAN_QEMBEDDING: tuple[str | None, ...] = (None, "4w")
 
 #: XNNPACK delegates groupwise weights only in groups that are multiples of this
 #: (``executorch/backends/xnnpack/operators/node_visitor.py``, ``_check_per_channel_group_params``:
@@ -231,19 +241,36 @@ def _check_openvino_support(cfg: "ExportConfig") -> None:
             )
 
 
+def _check_weight_only_schemes(cfg: "ExportConfig", title: str, qlinear: tuple, qembedding: tuple, recipe_name: str,
+                               how: str = "") -> None:
+    """A backend that takes weight-only schemes only: refuse a ``qlinear``, head or ``qembedding``
+    scheme outside ``qlinear`` / ``qembedding`` (the allowed ones, ``None`` for float)."""
+    for field, value, allowed in (("qlinear", cfg.qlinear, qlinear), ("qhead", cfg.head_scheme, qlinear),
+                                  ("qembedding", cfg.qembedding, qembedding)):
+        if value not in allowed:
+            raise InvalidConfigError(
+                f"{field}={value!r} is not supported with backend={cfg.backend!r} first: {title} takes weight-only "
+                f"{[a for a in allowed if a]} (float activations){how}. Use one of those (recipe {recipe_name!r}) or "
+                f"leave it out, or put 'xnnpack' first."
+            )
+
+
 def _check_vulkan_support(cfg: "ExportConfig") -> None:
-    """Vulkan first: float32 and no quantization (ExecuTorch's LLM helper asserts fp32 for Vulkan, and
-    nothing else could be verified here, where no runtime has Vulkan)."""
+    """Vulkan first: float32 (ExecuTorch's LLM helper asserts fp32 for Vulkan) and the weight-only
+    4-bit schemes Vulkan fuses into its own operators (:data:`VULKAN_QLINEAR`,
+    :data:`VULKAN_QEMBEDDING`); the rest is refused, not quietly run in float."""
     if cfg.dtype != "float32":
         raise InvalidConfigError(
             f"dtype={cfg.dtype!r} is not supported with backend={cfg.backend!r} first: ExecuTorch lowers LLMs to "
-            f"Vulkan in float32 only. Use dtype='float32'."
+            f"Vulkan in float32 only. Use dtype='float32' (recipe 'vulkan-4w' for smaller weights)."
         )
-    for field in ("qlinear", "qembedding", "qlinear_8bit", "kv_cache_dtype"):
+    _check_weight_only_schemes(cfg, "Vulkan", VULKAN_QLINEAR, VULKAN_QEMBEDDING, "vulkan-4w",
+                               ", fused into its own 4-bit operators")
+    for field in ("qlinear_8bit", "kv_cache_dtype"):
         if getattr(cfg, field):
             raise InvalidConfigError(
-                f"{field}={getattr(cfg, field)!r} is not supported with backend={cfg.backend!r} first: only float "
-                f"Vulkan programs are built (none can be run or verified here). Leave {field} out, or put "
+                f"{field}={getattr(cfg, field)!r} is not supported with backend={cfg.backend!r} first: Vulkan has no "
+                f"weight-only 8-bit linear, and an int8 KV cache is not verified there. Leave {field} out, or put "
                 f"'xnnpack' first."
             )
 
@@ -257,14 +284,7 @@ def _check_coreml_support(cfg: "ExportConfig") -> None:
             f"dtype={cfg.dtype!r} is not supported with backend={cfg.backend!r} first: Core ML computes in "
             f"{' or '.join(COREML_DTYPES)}. Use dtype='float16' (recipe 'coreml-fp16') or 'float32'."
         )
-    for field, value, allowed in (("qlinear", cfg.qlinear, COREML_QLINEAR), ("qhead", cfg.head_scheme, COREML_QLINEAR),
-                                  ("qembedding", cfg.qembedding, COREML_QEMBEDDING)):
-        if value not in allowed:
-            raise InvalidConfigError(
-                f"{field}={value!r} is not supported with backend={cfg.backend!r} first: Core ML takes weight-only "
-                f"{[a for a in allowed if a]} (float activations). Use one of those (recipe 'coreml-4w'), or put "
-                f"'xnnpack' first."
-            )
+    _check_weight_only_schemes(cfg, "Core ML", COREML_QLINEAR, COREML_QEMBEDDING, "coreml-4w")
     if cfg.kv_cache_dtype:
         raise InvalidConfigError(
             f"kv_cache_dtype={cfg.kv_cache_dtype!r} is not supported with backend={cfg.backend!r} first (not "
@@ -616,8 +636,11 @@ RECIPES: dict[str, dict[str, Any]] = {
     "openvino-fp32": {"backend": "openvino"},
     # NNCF weight compression: int4 linears in groups of 128, int8 embedding and head
     "openvino-4w": {"backend": "openvino", "qlinear": "4w", "qhead": "8w", "qembedding": "8w"},
-    # Vulkan GPUs: exported here, run elsewhere (no pip wheel's runtime has Vulkan)
+    # Vulkan GPUs: exported here, run elsewhere (no pip wheel's runtime has Vulkan). -4w: float32
+    # activations, int4 weight-only linears in groups of 32, the head too (Vulkan's linear_q4gsw), and a
+    # 4-bit embedding (its embedding_q4gsw)
     "vulkan-fp32": {"backend": "vulkan"},
+    "vulkan-4w": {"backend": "vulkan", "qlinear": "4w", "qembedding": "4w"},
     # Core ML (Apple devices): exported here, run there; one token per call, attention and the KV cache
     # on ExecuTorch's kernels between Core ML subgraphs. -4w: int4 weight-only linears in blocks of 32
     # (ExecuTorch's Core ML b4w), the head too, and a 4-bit embedding

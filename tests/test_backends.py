@@ -4,7 +4,8 @@ OpenVINO fp32 programs of several tiny families give transformers' eager greedy 
 backend list gives its first backend first pick of the operators (read back from the program's
 delegates); the 4-bit OpenVINO program computes what the NNCF-compressed graph computes in PyTorch;
 a program whose delegate backend the runtime lacks is refused by name before ExecuTorch's 0x20;
-bad backend names and combinations are refused when the config is built. Each program is
+the 4-bit Vulkan program's linears and embedding are Vulkan's own 4-bit operators (read from the
+graph in its delegate; nothing here runs Vulkan); bad backend names and combinations are refused when the config is built. Each program is
 exported once per module.
 """
 
@@ -14,6 +15,7 @@ import dataclasses
 import importlib.util
 import os
 import re
+from collections import Counter
 
 import pytest
 import torch
@@ -268,7 +270,10 @@ def _vulkan_missing() -> str | None:
     return None
 
 
-@pytest.mark.skipif(_vulkan_missing() is not None, reason=str(_vulkan_missing()))
+needs_vulkan = pytest.mark.skipif(_vulkan_missing() is not None, reason=str(_vulkan_missing()))
+
+
+@needs_vulkan
 def test_vulkan_takes_the_whole_program_and_this_runtime_refuses_it_by_name(exported, tmp_path):
     folder, _, exporter = exported("llama-llama3rope", "vulkan")
     assert set(exporter.delegation_by_backend()) == {"VulkanBackend"}
@@ -287,11 +292,74 @@ def test_vulkan_takes_the_whole_program_and_this_runtime_refuses_it_by_name(expo
     assert not any(tmp_path.rglob("model.pte"))  # refused before exporting
 
 
-def test_vulkan_programs_are_float_only():
-    with pytest.raises(InvalidConfigError, match=r"qlinear='8da4w' is not supported with backend='vulkan' first"):
-        ExportConfig(backend="vulkan", qlinear="8da4w")
-    with pytest.raises(InvalidConfigError, match=r"dtype='float16' is not supported with backend='vulkan' first"):
-        ExportConfig(backend="vulkan", dtype="float16")
+def _vulkan_graph_ops(exporter) -> tuple[Counter, list]:
+    """The operator calls inside the program's Vulkan delegates, decoded from their payloads (the
+    VkGraph the Vulkan runtime builds its compute graph from), and the graphs themselves."""
+    from executorch.backends.vulkan.serialization.vulkan_graph_serialize import (
+        extract_vk_flatbuffer, flatbuffer_to_vk_graph)
+
+    gm = exporter.edge_program.exported_program().graph_module
+    graphs = [flatbuffer_to_vk_graph(extract_vk_flatbuffer(m.processed_bytes)) for _, m in gm.named_children()
+              if getattr(m, "backend_id", None) == "VulkanBackend"]
+    return Counter(call.name for g in graphs for call in g.chain), graphs
+
+
+def _vk_arg(graph, ref):
+    value = graph.values[ref].value
+    return (value.datatype.name, list(value.dims)) if hasattr(value, "dims") else value
+
+
+@needs_vulkan
+def test_vulkan_4w_fuses_every_linear_into_vulkans_4_bit_op(exported):
+    folder, _, exporter = exported("llama-llama3rope", "vulkan", qlinear="4w", qembedding="4w")
+    assert inspect_program(folder).export_config == recipe("vulkan-4w", max_seq_len=MAX_SEQ_LEN).to_dict()
+    assert set(exporter.delegation_by_backend()) == {"VulkanBackend"}
+    assert inspect_program(folder).delegates == {"VulkanBackend": 1}  # the whole program, as in float
+    ops, graphs = _vulkan_graph_ops(exporter)
+    # every linear of the 2 layers (7 each) and the head: Vulkan's 4-bit groupwise linear, no float mm
+    assert ops["et_vk.linear_q4gsw.default"] == 2 * 7 + 1
+    assert ops["et_vk.embedding_q4gsw.default"] == 1
+    assert not [op for op in ops if re.search(r"\.(mm|addmm|linear|embedding)\.|dequantize", op)], ops
+    graph = graphs[0]
+    q_proj = next(c for c in graph.chain if c.name == "et_vk.linear_q4gsw.default")
+    x, weight, scales, group, bias = (_vk_arg(graph, a) for a in q_proj.args[:5])
+    assert weight == ("UINT8", [64, 32])  # [out, in / 2]: two 4-bit values per byte
+    assert scales == ("FLOAT32", [2, 64]) and group.int_val == 32  # groups of 32 of the 64 inputs
+    size, fp32_size = (os.path.getsize(f / "model.pte") for f in (folder, exported("llama-llama3rope", "vulkan")[0]))
+    assert size < 0.3 * fp32_size, (size, fp32_size)  # weights stored in 4 bits (plus scales)
+
+
+@needs_vulkan
+def test_vulkan_fuses_4_bit_layers_the_group_does_not_divide_as_channelwise_4_bit(exported):
+    # groups of 128: the 64-input layers fall back to one scale per output channel (so does the
+    # 128-input down_proj: one group is its whole row), which Vulkan runs as its linear_qcs4w
+    _, _, exporter = exported("llama-llama3rope", "vulkan", qlinear="4w", qembedding="4w", qlinear_group_size=128)
+    assert exporter.quantization_report["linear"] == {"grouped": 2, "per_channel_fallback": 13}
+    ops, _ = _vulkan_graph_ops(exporter)
+    assert ops["et_vk.linear_qcs4w.default"] == 2 * 7 + 1 and "et_vk.linear_q4gsw.default" not in ops
+    assert not [op for op in ops if re.search(r"\.(mm|addmm|linear)\.|dequantize", op)], ops
+
+
+@pytest.mark.parametrize("fields, message", [
+    ({"qlinear": "8da4w"}, r"qlinear='8da4w' is not supported with backend='vulkan' first: Vulkan takes weight-only "
+                           r"\['4w'\] \(float activations\), fused into its own 4-bit operators.*'vulkan-4w'"),
+    ({"qlinear": "8w"}, r"qlinear='8w' is not supported with backend='vulkan' first"),
+    ({"qlinear": "4w", "qhead": "8w"}, r"qhead='8w' is not supported with backend='vulkan' first"),
+    ({"qlinear": "q4_0"}, r"qlinear='q4_0' is not supported with backend='vulkan' first"),
+    ({"qembedding": "8w"}, r"qembedding='8w' is not supported with backend='vulkan' first"),
+    ({"qlinear": "4w", "qlinear_8bit": ("*.down_proj",)}, r"qlinear_8bit=.*no weight-only 8-bit linear"),
+    ({"kv_cache_dtype": "int8"}, r"kv_cache_dtype='int8' is not supported with backend='vulkan' first"),
+    ({"dtype": "float16"}, r"dtype='float16' is not supported with backend='vulkan' first.*'vulkan-4w'"),
+])
+def test_what_vulkan_cannot_fuse_is_refused(fields, message):
+    with pytest.raises(InvalidConfigError, match=message):
+        ExportConfig(backend="vulkan", **fields)
+
+
+def test_vulkan_takes_4_bit_weight_only_layers_in_groups_of_32_and_a_float_head():
+    assert recipe("vulkan-4w").qlinear_group_size == 32 and recipe("vulkan-4w").head_scheme == "4w"
+    assert ExportConfig(backend="vulkan", qlinear="4w", qhead=None).head_scheme is None
+    assert ExportConfig(backend="vulkan", qlinear="4w", qlinear_group_size=128).qlinear_group_size == 128
     assert ExportConfig(backend=("xnnpack", "vulkan"), qlinear="8da4w").qlinear_group_size == 32
 
 

@@ -103,6 +103,7 @@ RECIPE_PLANS = {
     "openvino-fp32": ((None, None), (None, None), (None, None), None),
     "openvino-4w": (("4w", 128), ("4w", 128), ("8w", None), "8w"),  # what NNCF is asked for (export/openvino.py)
     "vulkan-fp32": ((None, None), (None, None), (None, None), None),
+    "vulkan-4w": (("4w", 32), ("4w", 32), ("4w", 32), "4w"),  # Vulkan's linear_q4gsw and embedding_q4gsw
     "coreml-fp16": ((None, None), (None, None), (None, None), None),
     "coreml-4w": (("4w", 32), ("4w", 32), ("4w", 32), "4w"),  # ExecuTorch's Core ML b4w: blocks of 32
 }

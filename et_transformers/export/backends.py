@@ -2,8 +2,8 @@
 
 ``ExportConfig.backend`` names one backend or an ordered tuple of them; :data:`BACKEND_TABLE` says,
 per name, which ExecuTorch partitioners lower to it, which operators it wants kept whole through
-``to_edge`` (when it comes first), and which graph quantizer it brings (OpenVINO's NNCF weight
-compression), if any. :func:`partitioners_for` concatenates the partitioners in the config's order,
+``to_edge`` (when it comes first), which graph quantizer it brings (OpenVINO's NNCF weight
+compression), if any, and which ops its weight-only layers dequantize with. :func:`partitioners_for` concatenates the partitioners in the config's order,
 so the first backend is offered every operator first and the next one only what is left.
 
 OpenVINO's partitioner and quantizer, and what they do to a language model, are in :mod:`.openvino`;
@@ -40,6 +40,8 @@ class Backend:
         weight_ops: the ops weight-only linear layers dequantize with when the backend comes first:
             ``"quantized_decomposed"`` (ExecuTorch's vocabulary) or ``"torchao"``
             (``torchao.dequantize_affine``, which Core ML's converter turns into 4/8-bit constants).
+            Vulkan keeps the first: its partitioner fuses those 4-bit groupwise layers into
+            ``et_vk.linear_q4gsw``.
     """
 
     name: str
@@ -125,6 +127,9 @@ BACKEND_TABLE: dict[str, Backend] = {
     "xnnpack": Backend("xnnpack", "XnnpackBackend", _xnnpack_partitioners, _xnnpack_keep_ops),
     "portable": Backend("portable", None, lambda cfg: []),
     "openvino": Backend("openvino", "OpenvinoBackend", _openvino_partitioners, _openvino_keep_ops, _openvino_quantizer),
+    # weight_ops stays quantized_decomposed: Vulkan's partitioner fuses its dequantize_per_channel_group
+    # + mm into et_vk.linear_q4gsw, and asserts on torchao.dequantize_affine without a zero-point tensor
+    # (patterns/quantized_linear.py, QuantizedLinearMatch), which is how Core ML's weights come
     "vulkan": Backend("vulkan", "VulkanBackend", _vulkan_partitioners),
     "coreml": Backend("coreml", "CoreMLBackend", _coreml_partitioners, _coreml_keep_ops, weight_ops="torchao"),
 }

@@ -11,7 +11,8 @@ kernels consume directly:
   fuses the pattern into one dynamically-quantized GEMM;
 * ``4w`` / ``8w``: float activations times dequantized weights (with Core ML first, dequantized
   by torchao's ``dequantize_affine``, the op Core ML's converter stores as 4/8-bit constants:
-  ``Backend.weight_ops`` in :mod:`.backends`);
+  ``Backend.weight_ops`` in :mod:`.backends`; with Vulkan first, 4-bit ones are fused by its
+  partitioner into ``et_vk.linear_q4gsw``, or ``et_vk.linear_qcs4w`` when per channel);
 * ``q4_0``: our own kernel, ``et_transformers::q4_linear`` (:mod:`et_transformers.kernels`): int4
   weights in groups of 32 with float16 scales, activations quantized to int8 per block of 32
   inside the kernel (llama.cpp's Q4_0 x Q8_0 arithmetic); a layer whose shape the kernel's layout
