@@ -144,7 +144,8 @@ class Exporter:
 
                 if isinstance(exc, ETTransformersError):
                     return False
-                raise ExportError(f"export stage {name!r} failed for {exporter.source.name}: {exc}") from exc
+                reason = str(exc) or f"{type(exc).__name__} (no message; see the chained traceback)"
+                raise ExportError(f"export stage {name!r} failed for {exporter.source.name}: {reason}") from exc
 
         return _Timer()
 
