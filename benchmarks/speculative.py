@@ -15,7 +15,13 @@ Prompt kinds: input-grounded (rewrite or summarise a given passage, edit a given
 where the answer quotes its input and prompt lookup finds drafts, and open-ended ones, where it
 mostly does not.
 
-Run:  python benchmarks/speculative.py [--runs 3] [--new-tokens 128] [--cache-dir DIR]
+By default every answer is ``--new-tokens`` long (EOS ignored, so the text past the answer counts
+too); ``--stop-at-eos`` ends each at the model's end of turn instead (both ways give every contender
+the same tokens). ``--verify-tokens`` and ``--lookup`` set the verifying program's rows and
+``prompt_lookup_num_tokens``.
+
+Run:  python benchmarks/speculative.py [--runs 3] [--new-tokens 128] [--stop-at-eos] [--verify-tokens 8]
+      [--lookup 7] [--cache-dir DIR] [--no-draft]
 """
 
 from __future__ import annotations
@@ -61,12 +67,13 @@ PROMPTS = {
 }
 
 
-def timed(model, ids, new_tokens, **kwargs):
-    """``(new tokens per second of the whole call, output, stats)`` for one greedy call."""
+def timed(model, ids, new_tokens, stop_at_eos=False, **kwargs):
+    """``(new tokens per second of the whole call, output, stats)`` for one greedy call (EOS ignored
+    unless ``stop_at_eos``)."""
     t0 = time.perf_counter()
     mask = torch.ones_like(ids)  # the chat template's own special tokens are not padding
-    out = model.generate(ids, attention_mask=mask, max_new_tokens=new_tokens, do_sample=False, eos_token_id=None,
-                         **kwargs)
+    eos = {} if stop_at_eos else {"eos_token_id": None}
+    out = model.generate(ids, attention_mask=mask, max_new_tokens=new_tokens, do_sample=False, **eos, **kwargs)
     dt = time.perf_counter() - t0
     return (out.shape[-1] - ids.shape[-1]) / dt, out, model.stats
 
@@ -79,8 +86,12 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--lookup", type=int, default=7, help="prompt_lookup_num_tokens")
+    parser.add_argument("--verify-tokens", type=int, default=8, help="the verifying program's verify_tokens")
     parser.add_argument("--cache-dir", type=Path, help="export cache (default: a fresh temporary folder)")
     parser.add_argument("--no-draft", action="store_true", help="skip the draft-model contender")
+    parser.add_argument("--stop-at-eos", action="store_true",
+                        help="end each answer at the model's end-of-turn token (default: always --new-tokens, "
+                             "text past the answer included)")
     args = parser.parse_args()
 
     folder = hf_folder(fetch(ROOT / ".demo"))
@@ -89,7 +100,7 @@ def main() -> None:
 
     base = ETModelForCausalLM.from_pretrained(folder, export_config=recipe(DEFAULT_RECIPE, verify_tokens=1), cache_dir=cache)
     model = ETModelForCausalLM.from_pretrained(
-        folder, export_config=recipe(DEFAULT_RECIPE, verify_tokens=8), cache_dir=cache
+        folder, export_config=recipe(DEFAULT_RECIPE, verify_tokens=args.verify_tokens), cache_dir=cache
     )
     draft = None if args.no_draft else ETModelForCausalLM.from_pretrained(
         folder, recipe="xnnpack-8da4w-pure", cache_dir=cache
@@ -120,7 +131,7 @@ def main() -> None:
                 for name, kwargs in order:
                     kwargs = dict(kwargs)
                     who = kwargs.pop("_model", model)
-                    rate, out, stats = timed(who, ids, args.new_tokens, **kwargs)
+                    rate, out, stats = timed(who, ids, args.new_tokens, args.stop_at_eos, **kwargs)
                     rates[(kind, name)].append(rate)
                     per_prompt[(kind, i, name)].append(rate)
                     per_accept[(kind, i, name)][0] += stats.drafted_tokens
@@ -135,8 +146,9 @@ def main() -> None:
                         first = int((out[0, :n] != plain_out[0, :n]).nonzero()[0]) - ids.shape[-1]
                         diverged.setdefault((kind, name), []).append(first)
     commit = _commit()
-    print(f"SmolLM2-135M-Instruct, default recipe {DEFAULT_RECIPE} with verify_tokens=1 and 8, exported by {commit} into {cache}; greedy, "
-          f"{args.new_tokens} new tokens, {args.runs} interleaved rounds; medians of new tokens/s per call.")
+    print(f"SmolLM2-135M-Instruct, default recipe {DEFAULT_RECIPE} with verify_tokens=1 and {args.verify_tokens}, exported by {commit} into {cache}; greedy, "
+          f"{'up to ' + str(args.new_tokens) + ' new tokens, stopping at EOS' if args.stop_at_eos else str(args.new_tokens) + ' new tokens, EOS ignored'}, "
+          f"{args.runs} interleaved rounds; medians of new tokens/s per call.")
     for (kind, name), where in sorted(diverged.items()):
         print(f"{kind} / {name}: {len(where)} outputs differ from plain greedy on the verifying program, "
               f"first at new token {sorted(where)}")
