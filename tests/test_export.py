@@ -213,3 +213,23 @@ def test_interrupted_save_leaves_output_dir_untouched(tiny_llama_export, tmp_pat
         tiny_llama_export.save(out)
     assert sorted(p.name for p in out.iterdir()) == ["keep.txt"]
     assert [p.name for p in tmp_path.iterdir()] == ["out"]  # no staging folder left either
+
+
+def test_a_stage_failing_without_a_message_names_the_exception(tmp_path, monkeypatch):
+    # An AssertionError inside a partitioner has no text: the ExportError says what it was.
+    from et_transformers import ExportError
+    from et_transformers.export import pipeline
+
+    from executorch.exir.backend.partitioner import Partitioner
+
+    class Broken(Partitioner):
+        def partition(self, exported_program):
+            raise AssertionError()  # as Vulkan's pattern matcher does on a graph it does not expect
+
+    def broken(cfg):
+        return [Broken()]
+
+    tiny.make_model_dir(tmp_path / "src", tiny.llama_config())
+    monkeypatch.setattr(pipeline, "partitioners_for", broken)
+    with pytest.raises(ExportError, match=r"export stage 'lower' failed for src: AssertionError \(no message"):
+        Exporter.from_pretrained(tmp_path / "src", ExportConfig(max_seq_len=16), progress=False).run(tmp_path / "out")
