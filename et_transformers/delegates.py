@@ -71,8 +71,8 @@ def pin_openvino_float32() -> str | None:
     OpenVINO CPU compile (this package's exports and loads call this first). It also applies to
     PyTorch's own oneDNN kernels in this process if they have not run yet (float32 ones lose nothing).
     """
-    if os.environ.get(ONEDNN_ISA_VAR) or os.environ.get("DNNL_MAX_CPU_ISA"):
-        given = os.environ.get(ONEDNN_ISA_VAR) or os.environ.get("DNNL_MAX_CPU_ISA")
+    given = os.environ.get(ONEDNN_ISA_VAR) or os.environ.get("DNNL_MAX_CPU_ISA")
+    if given:
         if given.upper() not in {cap for _, cap in FLOAT32_ISA_CAPS} and _cpu_flags() & {f for f, _ in FLOAT32_ISA_CAPS}:
             logger.warning("oneDNN's ISA cap is %s as set by you: on this bfloat16-capable CPU OpenVINO may run "
                            "float32 programs in bfloat16 (unset it to keep them exact).", given)

@@ -66,9 +66,10 @@ def _xnnpack_partitioners(cfg: ExportConfig) -> list:
                                     enable_bf16=cfg.dtype == "bfloat16")]
 
 
-def _xnnpack_keep_ops() -> tuple:
-    # Our quantized layers are already in ExecuTorch's quantized-op vocabulary; XNNPACK needs only
-    # linear whole (see .lowering).
+def _keep_linear() -> tuple:
+    # XNNPACK: our quantized layers are already in ExecuTorch's quantized-op vocabulary, and it needs
+    # only linear whole (see .lowering). Core ML converts linear whole (its own op, and the one its
+    # int4/int8 weights feed).
     return (torch.ops.aten.linear.default,)
 
 
@@ -117,21 +118,16 @@ def _coreml_partitioners(cfg: ExportConfig) -> list:
     return [CoreMLLLMPartitioner(cfg)]
 
 
-def _coreml_keep_ops() -> tuple:
-    # Core ML converts linear whole (its own op, and the one its int4/int8 weights feed)
-    return (torch.ops.aten.linear.default,)
-
-
 #: The table: backend name -> how to lower to it. Keys are exactly ``config.BACKENDS``.
 BACKEND_TABLE: dict[str, Backend] = {
-    "xnnpack": Backend("xnnpack", "XnnpackBackend", _xnnpack_partitioners, _xnnpack_keep_ops),
+    "xnnpack": Backend("xnnpack", "XnnpackBackend", _xnnpack_partitioners, _keep_linear),
     "portable": Backend("portable", None, lambda cfg: []),
     "openvino": Backend("openvino", "OpenvinoBackend", _openvino_partitioners, _openvino_keep_ops, _openvino_quantizer),
     # weight_ops stays quantized_decomposed: Vulkan's partitioner fuses its dequantize_per_channel_group
     # + mm into et_vk.linear_q4gsw, and asserts on torchao.dequantize_affine without a zero-point tensor
     # (patterns/quantized_linear.py, QuantizedLinearMatch), which is how Core ML's weights come
     "vulkan": Backend("vulkan", "VulkanBackend", _vulkan_partitioners),
-    "coreml": Backend("coreml", "CoreMLBackend", _coreml_partitioners, _coreml_keep_ops, weight_ops="torchao"),
+    "coreml": Backend("coreml", "CoreMLBackend", _coreml_partitioners, _keep_linear, weight_ops="torchao"),
 }
 assert tuple(BACKEND_TABLE) == BACKENDS, "export.backends.BACKEND_TABLE and config.BACKENDS name the same backends"
 

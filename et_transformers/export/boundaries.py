@@ -11,15 +11,17 @@ be a tensor or fake tensor, but got type <class 'torch.SymInt'>``) can take.
 ``SymInt``-valued node, and leaves to ExecuTorch every node that would pass a 0-d tensor across a
 delegate boundary, repartitioning until none does. A 0-d value read only inside its delegate
 (NNCF's scalar zero points) stays. :func:`tag_bindable_partitions` tags those partitions for a
-backend's delegation spec; :mod:`.openvino` and :mod:`.coreml` partition with it.
+backend's delegation spec; :class:`BindablePartitioner`, the base of :mod:`.openvino`'s and
+:mod:`.coreml`'s partitioners, wraps a backend's own partitioner around it.
 """
 
 from __future__ import annotations
 
+import logging
 import operator
 
 import torch
-from executorch.exir.backend.partitioner import PartitionResult
+from executorch.exir.backend.partitioner import Partitioner, PartitionResult
 from executorch.exir.backend.utils import tag_constant_data
 from torch.fx.passes.infra.partitioner import CapabilityBasedPartitioner, Partition
 from torch.fx.passes.operator_support import OperatorSupportBase
@@ -121,3 +123,44 @@ def tag_bindable_partitions(exported_program, backend_support: OperatorSupportBa
         tags[tag] = delegation_spec
     tag_constant_data(exported_program)
     return PartitionResult(tagged_exported_program=exported_program, partition_tags=tags), banned
+
+
+class BindablePartitioner(Partitioner):
+    """A backend's own partitioner (``inner``), partitioning with :func:`tag_bindable_partitions`:
+    its delegation spec and undecomposed ops, minus the nodes a runtime cannot bind.
+
+    Subclasses give :meth:`support`, and name the backend (``title``, for the log) and the tags'
+    prefix (``tag_prefix``). The log line goes to the subclass's module logger.
+
+    Args:
+        inner: the backend's ExecuTorch partitioner.
+    """
+
+    title = "the backend"
+    tag_prefix = "delegate"
+
+    def __init__(self, inner):
+        self.inner = inner
+        super().__init__()
+        self.delegation_spec = inner.delegation_spec
+
+    def ops_to_not_decompose(self, ep):
+        """The wrapped partitioner's own list."""
+        return self.inner.ops_to_not_decompose(ep)
+
+    def support(self, exported_program) -> OperatorSupportBase:
+        """The backend's operator support for ``exported_program``."""
+        raise NotImplementedError
+
+    def partition(self, exported_program) -> PartitionResult:
+        """Tag the subgraphs the backend takes.
+
+        Returns:
+            ExecuTorch's ``PartitionResult``: one tag per connected group of supported nodes.
+        """
+        result, banned = tag_bindable_partitions(exported_program, self.support(exported_program),
+                                                 self.delegation_spec, self.tag_prefix)
+        if banned:
+            logging.getLogger(type(self).__module__).debug(
+                "%s partitioner: left to ExecuTorch at 0-d boundaries: %s", self.title, sorted(banned))
+        return result

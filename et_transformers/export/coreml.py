@@ -26,18 +26,14 @@ found by lowering the tiny test models:
 
 from __future__ import annotations
 
-import logging
-
 import coremltools as ct
 from executorch.backends.apple.coreml.compiler import CoreMLBackend
 from executorch.backends.apple.coreml.partition import CoreMLPartitioner
 from executorch.backends.apple.coreml.partition.coreml_partitioner import _OperatorsSupportedForCoreMLBackend
-from executorch.exir.backend.partitioner import Partitioner, PartitionResult
 
 from ..config import ExportConfig
-from .boundaries import tag_bindable_partitions
+from .boundaries import BindablePartitioner
 
-logger = logging.getLogger(__name__)
 
 #: Oldest OS the Core ML programs load on (iOS 18 / macOS 15: blockwise int4 weights and fp16 I/O).
 DEPLOYMENT_TARGET = ct.target.iOS18
@@ -61,32 +57,21 @@ def compile_specs(cfg: ExportConfig) -> list:
     )
 
 
-class CoreMLLLMPartitioner(Partitioner):
+class CoreMLLLMPartitioner(BindablePartitioner):
     """ExecuTorch's ``CoreMLPartitioner`` minus ``SymInt``-valued nodes and nodes at 0-d delegate
-    boundaries (:func:`.boundaries.propose_bindable_partitions`); weights go into the delegates,
+    boundaries (:class:`.boundaries.BindablePartitioner`); weights go into the delegates,
     mutable buffers (the KV cache) stay with ExecuTorch.
 
     Args:
         cfg: the export config (its dtype picks Core ML's compute precision).
     """
 
+    title = "Core ML"
+    tag_prefix = "coreml"
+
     def __init__(self, cfg: ExportConfig):
-        self.inner = CoreMLPartitioner(compile_specs=compile_specs(cfg), take_over_mutable_buffer=False)
-        super().__init__()
-        self.delegation_spec = self.inner.delegation_spec
+        super().__init__(CoreMLPartitioner(compile_specs=compile_specs(cfg), take_over_mutable_buffer=False))
 
-    def ops_to_not_decompose(self, ep):
-        """Core ML's own list (every operator it converts whole)."""
-        return self.inner.ops_to_not_decompose(ep)
-
-    def partition(self, exported_program) -> PartitionResult:
-        """Tag the subgraphs Core ML takes.
-
-        Returns:
-            ExecuTorch's ``PartitionResult``: one tag per connected group of supported nodes.
-        """
-        support = _OperatorsSupportedForCoreMLBackend(log=False)
-        result, banned = tag_bindable_partitions(exported_program, support, self.delegation_spec, "coreml")
-        if banned:
-            logger.debug("Core ML partitioner: left to ExecuTorch at 0-d boundaries: %s", sorted(banned))
-        return result
+    def support(self, exported_program):
+        """Core ML's operator support (every operator it converts)."""
+        return _OperatorsSupportedForCoreMLBackend(log=False)

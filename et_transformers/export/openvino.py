@@ -33,10 +33,10 @@ import logging
 import torch
 from executorch.backends.openvino.partitioner import OpenvinoOperatorsSupport, OpenvinoPartitioner
 from executorch.exir.backend.backend_details import CompileSpec
-from executorch.exir.backend.partitioner import Partitioner, PartitionResult
+from executorch.exir.backend.partitioner import PartitionResult
 
 from ..config import ExportConfig
-from .boundaries import tag_bindable_partitions
+from .boundaries import BindablePartitioner
 
 logger = logging.getLogger(__name__)
 
@@ -47,45 +47,41 @@ OPENVINO_DEVICE = "CPU"
 MIN_ADJUSTED_GROUP = 32
 
 
-class OpenvinoLLMPartitioner(Partitioner):
+class OpenvinoLLMPartitioner(BindablePartitioner):
     """ExecuTorch's ``OpenvinoPartitioner`` (a final class, hence wrapped), minus the nodes whose
-    values the runtime cannot bind at a delegate boundary; NNCF's int4 unpacking patterns are claimed as it claims them.
+    values the runtime cannot bind at a delegate boundary (:class:`.boundaries.BindablePartitioner`);
+    NNCF's int4 unpacking patterns are claimed as it claims them.
 
     Args:
         device: the OpenVINO device the subgraphs are compiled for.
     """
 
+    title = "OpenVINO"
+    tag_prefix = "openvino"
+
     def __init__(self, device: str = OPENVINO_DEVICE):
         from ..delegates import pin_openvino_float32
 
         pin_openvino_float32()  # before OpenVINO first compiles in this process (bfloat16 CPUs)
-        self.inner = OpenvinoPartitioner([CompileSpec("device", device.encode())])
-        super().__init__()
-        self.delegation_spec = self.inner.delegation_spec
+        super().__init__(OpenvinoPartitioner([CompileSpec("device", device.encode())]))
 
-    def ops_to_not_decompose(self, ep):
-        """OpenVINO's own list (``aten.stack`` for NNCF's int4 unpacking, image ops)."""
-        return self.inner.ops_to_not_decompose(ep)
+    def support(self, exported_program):
+        """OpenVINO's operator support, with the NNCF pattern nodes it accepts whatever their op."""
+        return OpenvinoOperatorsSupport(enabled_ops_by_name=self.inner._enabled_ops_by_name)
 
     def partition(self, exported_program) -> PartitionResult:
-        """Tag the subgraphs OpenVINO takes.
+        """Tag the subgraphs OpenVINO takes (its "Op not supported" lines go to the debug log).
 
         Returns:
             ExecuTorch's ``PartitionResult``: one tag per connected group of supported nodes.
         """
-        gm = exported_program.graph_module
-        self.inner.capture_nncf_patterns(gm)
-        # The inner partitioner's set of NNCF pattern nodes it accepts whatever their op.
-        openvino_support = OpenvinoOperatorsSupport(enabled_ops_by_name=self.inner._enabled_ops_by_name)
+        self.inner.capture_nncf_patterns(exported_program.graph_module)
         printed = io.StringIO()
         with contextlib.redirect_stdout(printed):  # "Op not supported: ..." per node it declines
-            result, banned = tag_bindable_partitions(exported_program, openvino_support, self.delegation_spec, "openvino")
-        if banned:
-            logger.debug("OpenVINO partitioner: left to ExecuTorch at 0-d boundaries: %s", sorted(banned))
+            result = super().partition(exported_program)
         for line in sorted(set(printed.getvalue().splitlines())):
             logger.debug("OpenVINO partitioner: %s", line)
         return result
-
 
 def compress_weights(gm: torch.fx.GraphModule, cfg: ExportConfig) -> tuple[torch.fx.GraphModule, dict]:
     """Compress the weights of the exported module ``gm`` as ``cfg`` asks (see
