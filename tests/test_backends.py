@@ -262,15 +262,17 @@ def test_the_openvino_library_is_found_in_the_package_without_env(monkeypatch):
 # -- Vulkan: exported here, run elsewhere -------------------------------------------------------------
 
 
-def _vulkan_missing() -> str | None:
+def _needs_import(module: str, what: str):
+    """Skip unless ``module`` (a backend's AOT package) imports here; the reason names ``what``."""
     try:
-        from executorch.backends.vulkan.partitioner.vulkan_partitioner import VulkanPartitioner  # noqa: F401
+        importlib.import_module(module)
     except ImportError as e:
-        return f"the executorch wheel's Vulkan partitioner does not import here ({e})"
-    return None
+        return pytest.mark.skipif(True, reason=f"{what} does not import here ({e})")
+    return pytest.mark.skipif(False, reason="")
 
 
-needs_vulkan = pytest.mark.skipif(_vulkan_missing() is not None, reason=str(_vulkan_missing()))
+needs_vulkan = _needs_import("executorch.backends.vulkan.partitioner.vulkan_partitioner",
+                             "the executorch wheel's Vulkan partitioner")
 
 
 @needs_vulkan
@@ -366,15 +368,8 @@ def test_vulkan_takes_4_bit_weight_only_layers_in_groups_of_32_and_a_float_head(
 # -- Core ML: exported here, run on Apple devices ---------------------------------------------------------
 
 
-def _coreml_missing() -> str | None:
-    try:
-        from executorch.backends.apple.coreml.partition import CoreMLPartitioner  # noqa: F401  (imports coremltools)
-    except ImportError as e:
-        return f"Core ML's AOT package (coremltools, ExecuTorch's CoreMLPartitioner) does not import here ({e})"
-    return None
-
-
-needs_coreml = pytest.mark.skipif(_coreml_missing() is not None, reason=str(_coreml_missing()))
+needs_coreml = _needs_import("executorch.backends.apple.coreml.partition",  # imports coremltools
+                             "Core ML's AOT package (coremltools, ExecuTorch's CoreMLPartitioner)")
 
 
 @needs_coreml
