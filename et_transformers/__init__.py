@@ -1,6 +1,6 @@
 """et_transformers: run Hugging Face causal language models on ExecuTorch with the transformers API.
 
-Public surface: :class:`ETModelForCausalLM`, :class:`ExportConfig`, :func:`export_to_pte`,
+Public surface: :class:`ETModelForCausalLM`, :class:`ETModelForImageTextToText`, :class:`ExportConfig`, :func:`export_to_pte`,
 :class:`Exporter`, :class:`GenerationStats`, :class:`GenerationResponse` (a streamed token),
 :class:`ChatSession`, the errors and
 :data:`SUPPORTED_MODEL_TYPES` (what exports, with :data:`MODEL_TYPE_ALIASES`).
@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from .architectures import MODEL_TYPE_ALIASES, SUPPORTED_MODEL_TYPES
+from .architectures import MODEL_TYPE_ALIASES, SUPPORTED_MODEL_TYPES, VISION_MODEL_TYPES
 from .config import ExportConfig
 from .errors import (
     CacheError,
@@ -34,6 +34,7 @@ _LAZY = {
     "export_to_pte": "et_transformers.export",
     "Exporter": "et_transformers.export",
     "ETModelForCausalLM": "et_transformers.modeling",
+    "ETModelForImageTextToText": "et_transformers.modeling_vlm",
     "GenerationStats": "et_transformers.generation",
     "GenerationResponse": "et_transformers.streaming",
     "ChatSession": "et_transformers.chat",
@@ -45,6 +46,7 @@ __all__ = [
     "ConstraintError",
     "ContextFullError",
     "ETModelForCausalLM",
+    "ETModelForImageTextToText",
     "ETTransformersError",
     "ExportConfig",
     "ExportError",
@@ -57,6 +59,7 @@ __all__ = [
     "ModelNotFoundError",
     "ProgramError",
     "SUPPORTED_MODEL_TYPES",
+    "VISION_MODEL_TYPES",
     "TokenizerError",
     "UnsupportedModelError",
     "export_to_pte",

@@ -6,7 +6,10 @@ and the generation loop need (a learned position table that caps the context; Ph
 rebuild when longrope switches factors). A type is listed only once its golden test
 (``tests/test_families.py``) proves the export token-identical to eager transformers.
 :data:`MODEL_TYPE_ALIASES` maps other spellings that transformers builds with the same config and
-model classes. Export consults this module before any weight is read; nothing here imports torch.
+model classes. :data:`VISION_MODEL_TYPES` does the same for image-text-to-text models: each
+entry names the transformers class, where its text decoder and image token live, and the text
+decoder's own ``model_type`` must be in :data:`SUPPORTED_MODEL_TYPES`. Export consults this module
+before any weight is read; nothing here imports torch.
 """
 
 from __future__ import annotations
@@ -147,12 +150,85 @@ def resolve_architecture(config: Any) -> Architecture:
     """
     model_type = config if isinstance(config, str) else getattr(config, "model_type", None)
     model_type = MODEL_TYPE_ALIASES.get(model_type, model_type)
+    if model_type in VISION_MODEL_TYPES:
+        raise UnsupportedModelError(
+            f"model_type={model_type!r} is an image-text-to-text model; load it with "
+            f"ETModelForImageTextToText (the text-only ETModelForCausalLM has no vision encoder)."
+        )
     if model_type not in SUPPORTED_MODEL_TYPES:
         raise UnsupportedModelError(
             f"model_type={model_type!r} is not supported by et_transformers. Supported model types: "
             f"{supported_list()}."
         )
     return SUPPORTED_MODEL_TYPES[model_type]
+
+
+@dataclass(frozen=True)
+class VisionArchitecture:
+    """One supported image-text-to-text family: a vision encoder whose features replace the image
+    tokens' embeddings in a supported text decoder.
+
+    Attributes:
+        model_type: the Hugging Face ``config.model_type``.
+        family: the name users know.
+        model_class: the transformers class that builds it (``"LlavaForConditionalGeneration"``).
+        language_model: attribute of the base model (``model.model``) holding the text decoder.
+        examples: well-known checkpoints.
+        notes: what the export does differently from the family's eager code, if anything.
+    """
+
+    model_type: str
+    family: str
+    model_class: str
+    language_model: str = "language_model"
+    examples: tuple[str, ...] = ()
+    notes: tuple[str, ...] = ()
+
+
+VISION_MODEL_TYPES: dict[str, VisionArchitecture] = {
+    a.model_type: a
+    for a in (
+        VisionArchitecture(
+            "llava", "LLaVA", "LlavaForConditionalGeneration",
+            examples=("llava-hf/llava-1.5-7b-hf", "llava-hf/llava-interleave-qwen-0.5b-hf"),
+        ),
+        VisionArchitecture(
+            "idefics3", "Idefics3", "Idefics3ForConditionalGeneration", language_model="text_model",
+            examples=("HuggingFaceM4/Idefics3-8B-Llama3",),
+        ),
+        VisionArchitecture(
+            "smolvlm", "SmolVLM", "SmolVLMForConditionalGeneration", language_model="text_model",
+            examples=("HuggingFaceTB/SmolVLM-256M-Instruct", "HuggingFaceTB/SmolVLM2-500M-Video-Instruct"),
+        ),
+        VisionArchitecture(
+            "gemma3", "Gemma 3 (vision)", "Gemma3ForConditionalGeneration",
+            examples=("google/gemma-3-4b-it",),
+            notes=("image tokens attend causally, as without token_type_ids (transformers lets each "
+                   "image's tokens see each other when token_type_ids is passed)",),
+        ),
+    )
+}
+
+
+def resolve_vision_architecture(config: Any) -> VisionArchitecture:
+    """Return the :class:`VisionArchitecture` for a transformers config (or a ``model_type``).
+
+    Raises:
+        UnsupportedModelError: not a supported image-text-to-text type; a text-only type gets a
+            message that points to ``ETModelForCausalLM``.
+    """
+    model_type = config if isinstance(config, str) else getattr(config, "model_type", None)
+    if model_type in VISION_MODEL_TYPES:
+        return VISION_MODEL_TYPES[model_type]
+    if MODEL_TYPE_ALIASES.get(model_type, model_type) in SUPPORTED_MODEL_TYPES:
+        raise UnsupportedModelError(
+            f"model_type={model_type!r} is a text-only model: it takes no images. Load it with "
+            f"ETModelForCausalLM."
+        )
+    raise UnsupportedModelError(
+        f"model_type={model_type!r} is not a supported image-text-to-text model. Supported: "
+        f"{', '.join(sorted(VISION_MODEL_TYPES))}."
+    )
 
 
 def check_config(config: Any, max_seq_len: int | None = None) -> Architecture:

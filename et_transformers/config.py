@@ -84,6 +84,8 @@ QHEAD_CHOICES: tuple[str | None, ...] = ("same", None, *QLINEAR_SCHEMES)
 #: Default of ``qlinear_group_size`` and ``qhead``: "the scheme's default", resolved when the config
 #: is built (see :class:`ExportConfig`), so a value the user gives can be told from the default.
 AUTO = "auto"
+#: ``ExportConfig.qvision`` values: the vision encoder's linear layers (XNNPACK schemes).
+VISION_SCHEMES = (None, "8da8w", "8da4w")
 
 #: Linear schemes with 4-bit weights: the only ones a group size applies to (8-bit weights always
 #: have one scale per output channel, the only layout XNNPACK and the portable kernels run).
@@ -398,6 +400,11 @@ class ExportConfig:
             of earlier versions. The head then computes ``k`` rows on every call, decode steps
             included. Defaults (:data:`AUTO`) to :data:`DEFAULT_VERIFY_TOKENS`; setting
             it with ``logits="all"`` raises (every position is returned already).
+        qvision: Quantization of an image-text-to-text model's vision encoder (its linear layers):
+            ``None`` (float), ``"8da8w"`` or ``"8da4w"`` (groups of ``qlinear_group_size``, 32
+            without one). The default, :data:`AUTO`, is ``"8da8w"`` when ``qlinear`` is set and
+            ``None`` otherwise. Text-only models have no vision encoder: exporting one with
+            ``qvision`` set raises.
 
     Raises:
         InvalidConfigError: a field has a value outside the accepted set (the message lists it), a
@@ -416,6 +423,7 @@ class ExportConfig:
     kv_cache_dtype: str | None = None
     logits: str = "last"
     verify_tokens: int | str | None = AUTO
+    qvision: str | None = AUTO
 
     def __post_init__(self) -> None:
         # What the caller asked for, before AUTO is resolved: replace() starts from it.
@@ -467,6 +475,7 @@ class ExportConfig:
         _check_group_size("qembedding_group_size", self.qembedding_group_size)
         self._resolve_verify_tokens()
         self._resolve_quantization()
+        self._resolve_qvision()
         _check_backend_support(self)
 
     def _resolve_verify_tokens(self) -> None:
@@ -522,6 +531,19 @@ class ExportConfig:
                 f"embedding stays in {self.dtype}). Leave it out, or quantize the embedding (qembedding='8w' "
                 f"or '4w').",
             )
+
+    def _resolve_qvision(self) -> None:
+        value = self.qvision
+        if value == AUTO:
+            value = "8da8w" if self.qlinear else None
+        if value not in VISION_SCHEMES:
+            raise InvalidConfigError(f"qvision={value!r} is not valid; use one of {list(VISION_SCHEMES)}.")
+        object.__setattr__(self, "qvision", value)
+
+    @property
+    def qvision_requested(self) -> bool:
+        """Whether ``qvision`` was given (not left at :data:`AUTO`): only a vision model can honour it."""
+        return self._requested["qvision"] != AUTO
 
     @property
     def backends(self) -> tuple[str, ...]:

@@ -192,12 +192,16 @@ class Generator:
         self.tokenizer = tokenizer
         self.weight_bytes_per_token = weight_bytes_per_token
 
-    def prepare(self, default_generation_config, input_ids, **kwargs: Any) -> GenerationPlan:
-        """Validate a call and build its processors/criteria without running the program."""
+    def prepare(self, default_generation_config, input_ids, *, image_features=None, **kwargs: Any) -> GenerationPlan:
+        """Validate a call and build its processors/criteria without running the program.
+
+        ``image_features`` (image-text-to-text programs): ``(positions [n], features [n, hidden])``, the
+        embeddings that replace the prompt's image tokens (positions in its unpadded row).
+        """
         if kwargs.get("tokenizer") is None:
             kwargs["tokenizer"] = self.tokenizer
         meta = self.program.metadata
-        return plan(
+        plan_ = plan(
             default_generation_config=default_generation_config,
             max_position_embeddings=self.max_position_embeddings,
             context=meta.max_context_len,
@@ -205,6 +209,13 @@ class Generator:
             input_ids=input_ids,
             **kwargs,
         )
+        if image_features is not None and plan_.input_ids.shape[0] != 1:
+            raise ValueError(
+                f"images go with one prompt at a time, and input_ids holds {plan_.input_ids.shape[0]}: "
+                f"generate each image prompt in its own call (or load replicas to run them in parallel)."
+            )
+        plan_.image_features = image_features
+        return plan_
 
     def check_cached_prefix(self, plan_: GenerationPlan, cached_prefix: int) -> None:
         """Raise ``ValueError`` unless ``cached_prefix`` leaves a single unpadded prompt to prefill."""
@@ -352,7 +363,7 @@ class Generator:
         if rebuild_at is not None and cached_prefix <= rebuild_at < tokens.shape[-1]:
             cached_prefix = 0  # the cached keys used the short rope factors; this call needs the long ones
         t0 = time.perf_counter()
-        logits = self.prefill(tokens[:, cached_prefix:], cached_prefix)  # [1, V]
+        logits = self.prefill(tokens[:, cached_prefix:], cached_prefix, plan_.image_features)  # [1, V]
         stats.prefill_time += time.perf_counter() - t0
         stats.prompt_tokens += tokens.shape[-1] - cached_prefix
         pos = tokens.shape[-1]
@@ -414,7 +425,8 @@ class Generator:
                 elif pos == rebuild_at:
                     # This call takes the sequence past the program's cache_rebuild_len: like
                     # transformers' generate(), run the whole sequence again (see runtime.ProgramMetadata).
-                    logits = self.prefill(torch.cat([tokens, ids_buffer[:, prompt.shape[-1] : length]], dim=1))
+                    logits = self.prefill(torch.cat([tokens, ids_buffer[:, prompt.shape[-1] : length]], dim=1),
+                                          0, plan_.image_features)
                 else:
                     logits = program.decode(token, pos, copy=copy_logits)
                 pos += 1
@@ -435,18 +447,25 @@ class Generator:
         stats.peak_rss_bytes = peak_rss_bytes()
         return stats
 
-    def prefill(self, tokens: torch.Tensor, start_pos: int = 0) -> torch.Tensor:
+    def prefill(self, tokens: torch.Tensor, start_pos: int = 0, image_features=None) -> torch.Tensor:
         """Run ``tokens`` (``[1, n]``) through the program from ``start_pos``; return last logits."""
-        return prefill(self.program, tokens, start_pos)
+        return prefill(self.program, tokens, start_pos, image_features)
 
 
-def prefill(program: Program, tokens: torch.Tensor, start_pos: int = 0) -> torch.Tensor:
+def prefill(program: Program, tokens: torch.Tensor, start_pos: int = 0, image_features=None) -> torch.Tensor:
     """Run ``tokens`` (``[1, n]``) through ``program`` from ``start_pos``, in calls of at most its
-    ``max_seq_len`` tokens; return the last position's logits ``[1, V]``."""
+    ``max_seq_len`` tokens; return the last position's logits ``[1, V]``.
+
+    ``image_features``: ``(positions, features)`` replacing those positions' embeddings (see
+    :meth:`~et_transformers.runtime.Program.forward`).
+    """
     step = program.metadata.max_seq_len
     logits = None
     for s in range(0, tokens.shape[-1], step):
-        logits = program.forward(tokens[:, s : s + step], start_pos + s)
+        if image_features is None:
+            logits = program.forward(tokens[:, s : s + step], start_pos + s)
+        else:
+            logits = program.forward(tokens[:, s : s + step], start_pos + s, image_features=image_features)
     return logits
 
 

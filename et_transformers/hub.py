@@ -36,6 +36,9 @@ METADATA_PATTERNS: tuple[str, ...] = (
     "merges.txt",
     "chat_template.jinja",
     "chat_template.json",
+    "preprocessor_config.json",  # image-text-to-text models' processors
+    "processor_config.json",
+    "video_preprocessor_config.json",
 )
 #: Weights we download: safetensors only, never pickles.
 WEIGHT_PATTERNS: tuple[str, ...] = ("*.safetensors", "*.safetensors.index.json")

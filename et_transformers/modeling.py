@@ -83,6 +83,11 @@ class ETModelForCausalLM:
         program: the loaded :class:`~et_transformers.runtime.Program`.
     """
 
+    #: The runtime class of this model's programs.
+    _program_class = Program
+    #: The images-related keywords a text model refuses by name (see :meth:`generate`).
+    _IMAGE_KEYWORDS = ("pixel_values", "pixel_attention_mask", "image_sizes", "images")
+
     def __init__(
         self,
         program: Program,
@@ -104,6 +109,7 @@ class ETModelForCausalLM:
         self.manifest = manifest
         self.stats = stats or GenerationStats()
         raw = config.to_dict() if config is not None else _read_config_dict(program.path.parent)
+        raw = raw.get("text_config") or raw  # an image-text-to-text config nests the decoder's
         weight_bytes = manifest.weight_bytes_per_token if manifest is not None else None
         self._generator = Generator(program, raw.get("max_position_embeddings"), tokenizer, weight_bytes)
 
@@ -237,10 +243,8 @@ class ETModelForCausalLM:
         export_time: list[float] = []
 
         def build(folder: Path) -> None:
-            from .export import Exporter
-
             t_export = time.perf_counter()
-            Exporter(source, export_config, trust_remote_code=trust_remote_code).run(folder)
+            cls._exporter_class()(source, export_config, trust_remote_code=trust_remote_code).run(folder)
             export_time.append(time.perf_counter() - t_export)
 
         entry, built = cache.get_or_build(key, build, rebuild=force_export)
@@ -249,6 +253,13 @@ class ETModelForCausalLM:
         model = cls._load(entry.pte_path, t0=t0, warmup=warmup, manifest=entry.manifest, tokenizer=tokenizer)
         model.stats.export_time = export_time[0] if export_time else None
         return model
+
+    @staticmethod
+    def _exporter_class():
+        """The :class:`~et_transformers.export.Exporter` (sub)class that builds this model's programs."""
+        from .export import Exporter
+
+        return Exporter
 
     @classmethod
     def _load(
@@ -279,7 +290,7 @@ class ETModelForCausalLM:
                 tokenizer = load_tokenizer(pte.parent)
             if check is not None:
                 check.result()
-        program = Program(pte)
+        program = cls._program_class(pte)
         if generation_config.eos_token_id is None and program.metadata.eos_ids:
             generation_config.eos_token_id = list(program.metadata.eos_ids)
         model = cls(
@@ -636,6 +647,7 @@ class ETModelForCausalLM:
                 whose text the vocabulary cannot spell; also raised while generating if a grammar
                 reaches a state no token of the vocabulary can continue.
         """
+        self._refuse_images(kwargs)
         tokenizer = kwargs.pop("tokenizer", None)
         if tokenizer is None and kwargs.get("stop_strings") is not None:
             self.require_tokenizer("stop_strings")  # raises, naming the model and the fix, when it has none
@@ -652,6 +664,18 @@ class ETModelForCausalLM:
         )
         self._keep_stats(stats)
         return out
+
+    def _refuse_images(self, kwargs: dict) -> None:
+        """A text model given image inputs says so, rather than calling them unknown keywords."""
+        given = [k for k in self._IMAGE_KEYWORDS if kwargs.get(k) is not None]
+        if given:
+            raise ValueError(
+                f"{given[0]} was given, but {self.pte_path.parent.name} is a text-only model: it has no "
+                f"vision encoder. Drop the image, or load an image-text-to-text model with "
+                f"ETModelForImageTextToText."
+            )
+        for k in self._IMAGE_KEYWORDS:
+            kwargs.pop(k, None)
 
     def _keep_stats(self, stats: GenerationStats) -> None:
         """Make ``stats`` the model's, keeping the load figures."""
@@ -702,6 +726,7 @@ class ETModelForCausalLM:
             ValueError: as :meth:`generate`, a batch of more than one prompt, or a bad
                 ``top_logprobs``; raised by this call, before the first record.
         """
+        self._refuse_images(kwargs)
         return stream(
             self._generator,
             self.generation_config,

@@ -44,6 +44,8 @@ class GenerationPlan:
         pad_token_id: what fills a row after it stopped.
         assistant: ``assistant_model`` (another ``ETModelForCausalLM``) drafting for the call, if any.
         rng: the ``torch.Generator`` sampling draws from (``None``: torch's global RNG).
+        image_features: image-text-to-text prompts: ``(positions [n], features [n, hidden])``, the
+            embeddings that replace the prompt's image tokens during prefill (``None``: text only).
     """
 
     input_ids: torch.Tensor
@@ -54,6 +56,7 @@ class GenerationPlan:
     pad_token_id: int
     assistant: Any = None
     rng: torch.Generator | None = None
+    image_features: tuple[torch.Tensor, torch.Tensor] | None = None
 
 
 def merge_config(default: GenerationConfig, generation_config: GenerationConfig | None, kwargs: dict[str, Any]):

@@ -206,6 +206,9 @@ class ProgramLock:
 class Program:
     """A loaded ExecuTorch LLM program.
 
+    Its decoder is the method :attr:`DECODER` (``forward``, the text programs' single entry point;
+    :class:`MultimodalProgram` runs ``text_decoder`` on the embeddings of ``token_embedding``).
+
     Args:
         path: the ``.pte`` file.
         enable_etdump: record an ETDump (profiling events) of every execution; see
@@ -215,6 +218,11 @@ class Program:
         ProgramError: the file is missing, is not an ExecuTorch program, lacks the LLM methods, or
             has delegates of a backend this runtime lacks (the message says what to install).
     """
+
+    #: The method that takes ``(tokens, cache positions)`` and returns logits.
+    DECODER = "forward"
+    #: Methods the program must have.
+    REQUIRED_METHODS: tuple[str, ...] = ("forward",)
 
     def __init__(self, path: str | os.PathLike, *, enable_etdump: bool = False):
         self.path = Path(path)
@@ -235,8 +243,14 @@ class Program:
             self.method_names = tuple(sorted(self._module.method_names()))
         except RuntimeError as e:
             raise ProgramError(f"{self.path} is not a loadable ExecuTorch program ({e}).") from e
-        if "forward" not in self.method_names:
-            raise ProgramError(f"{self.path} has no 'forward' method (methods: {list(self.method_names)}).")
+        missing = [m for m in self.REQUIRED_METHODS if m not in self.method_names]
+        if missing and "text_decoder" in self.method_names and "forward" in missing:
+            raise ProgramError(
+                f"{self.path} is an image-text-to-text program (methods {list(self.method_names)}): load it "
+                f"with ETModelForImageTextToText."
+            )
+        if missing:
+            raise ProgramError(f"{self.path} has no {missing} method (methods: {list(self.method_names)}).")
         self._check_kernel_abi()
         self.metadata = self._read_metadata()
         #: ``forward`` executions so far: a caller that keeps state in the KV cache between calls
@@ -283,7 +297,7 @@ class Program:
         eos = (eos,) if isinstance(eos, int) else tuple(int(e) for e in eos)
         max_seq_len = int(get("get_max_seq_len", 128))
         verify_tokens = int(get("get_verify_tokens", 1))
-        rank = len(self._module.method_meta("forward").output_tensor_meta(0).sizes())
+        rank = len(self._module.method_meta(self.DECODER).output_tensor_meta(0).sizes())
         return ProgramMetadata(
             max_seq_len=max_seq_len,
             max_context_len=int(get("get_max_context_len", max_seq_len)),
@@ -315,25 +329,36 @@ class Program:
             bad = low if low < 0 else high
             raise ValueError(f"token id {bad} is outside the vocabulary [0, {meta.vocab_size}).")
 
-    def _run(self, input_ids: torch.Tensor, start_pos: int) -> torch.Tensor:
+    def _run(self, input_ids: torch.Tensor, start_pos: int, image_features=None) -> torch.Tensor:
         self._check(input_ids, start_pos)
+        if image_features is not None and not isinstance(self, MultimodalProgram):
+            raise ValueError(f"{self.path.name} is a text-only program: it takes no images.")
         n = input_ids.shape[-1]
         positions = torch.arange(start_pos, start_pos + n, dtype=torch.long)
         self.executions += 1
         try:
-            return self._module.forward((input_ids.reshape(1, n), positions))[0]
+            return self._call(input_ids.reshape(1, n), positions, True, image_features)
         except RuntimeError as e:
             raise self._failed(e, n, start_pos) from e
 
+    def _call(self, input_ids: torch.Tensor, positions: torch.Tensor, copy: bool, image_features=None) -> torch.Tensor:
+        """Run the decoder on checked inputs; its first output (logits)."""
+        return self._module.forward((input_ids, positions), copy)[0]
+
     def _failed(self, error: RuntimeError, n: int, start_pos: int) -> ProgramError:
         return ProgramError(
-            f"{self.path} failed to run forward on {n} token(s) at position {start_pos} ({error}). The "
+            f"{self.path} failed to run {self.DECODER} on {n} token(s) at position {start_pos} ({error}). The "
             f"inputs passed our checks, so the program itself cannot run here: re-export it with "
             f"another recipe, and please report it with its manifest.json."
         )
 
-    def forward(self, input_ids: torch.Tensor, start_pos: int) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor, start_pos: int, *, image_features=None) -> torch.Tensor:
         """Run ``input_ids`` (``[1, S]`` int64) at cache positions ``start_pos .. start_pos+S-1``.
+
+        Args:
+            image_features: image-text-to-text programs only: ``(positions [n], features [n, hidden])``;
+                the embeddings of those positions (absolute, in the sequence) are replaced by the
+                features, as transformers puts image features in place of image tokens.
 
         Returns:
             float32 logits of the last position, ``[1, vocab]``.
@@ -342,7 +367,7 @@ class Program:
             ValueError: empty input, too many tokens for one call, positions past the context, or
                 token ids outside the vocabulary.
         """
-        logits = self._run(input_ids, start_pos)  # [1, V], or [1, S, V] for evaluation programs
+        logits = self._run(input_ids, start_pos, image_features)  # [1, V], or [1, S, V] for evaluation programs
         return logits[:, -1] if logits.dim() == 3 else logits
 
     def decode(self, token_id: int, pos: int, *, copy: bool = True) -> torch.Tensor:
@@ -367,7 +392,7 @@ class Program:
         position[0] = pos
         self.executions += 1
         try:
-            logits = self._module.forward(inputs, copy)[0]
+            logits = self._call(token, position, copy)
         except RuntimeError as e:
             raise self._failed(e, 1, pos) from e
         return logits[:, -1] if logits.dim() == 3 else logits
@@ -428,3 +453,67 @@ class Program:
             raise ProgramError("this program was loaded without enable_etdump=True; nothing was recorded.")
         self._module.write_etdump_result_to_file(str(path))
         return Path(path)
+
+
+class MultimodalProgram(Program):
+    """A loaded image-text-to-text program: the three methods ExecuTorch's ``MultimodalRunner`` runs.
+
+    ``vision_encoder(pixel_values [1, 3, H, W]) -> image features [1, T, hidden]``,
+    ``token_embedding(ids [1, S]) -> [1, S, hidden]`` and
+    ``text_decoder(embeddings [1, S, hidden], cache_position [S]) -> logits``, the decoder holding
+    the KV cache. Every :class:`Program` call (``forward``, ``decode``, ``verify``) embeds its
+    tokens first, so the generation loop runs this program unchanged; ``forward(..., image_features=)``
+    replaces the embeddings of the positions it lists by image features (a prompt's image tokens,
+    as transformers' ``masked_scatter`` does).
+
+    Raises:
+        ProgramError: as :class:`Program`, or the file lacks the three methods.
+    """
+
+    DECODER = "text_decoder"
+    REQUIRED_METHODS = ("vision_encoder", "token_embedding", "text_decoder")
+
+    def __init__(self, path: str | os.PathLike, *, enable_etdump: bool = False):
+        super().__init__(path, enable_etdump=enable_etdump)
+        vision = self._module.method_meta("vision_encoder")
+        #: The shape of one image the vision encoder takes (``[1, 3, H, W]``).
+        self.image_shape = tuple(int(d) for d in vision.input_tensor_meta(0).sizes())
+        #: Features (tokens) one image becomes.
+        self.tokens_per_image = int(vision.output_tensor_meta(0).sizes()[1])
+        name = "get_image_token_id"
+        #: The placeholder token whose embeddings image features replace (-1: unknown).
+        self.image_token_id = int(self._constant(name)) if name in self.method_names else -1
+
+    def encode_image(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """One image's features ``[tokens_per_image, hidden]``.
+
+        Args:
+            pixel_values: the processor's float tensor for one image, ``[3, H, W]`` or ``[1, 3, H, W]``.
+
+        Raises:
+            ValueError: another shape than the encoder was exported for (the message names both).
+        """
+        expected = self.image_shape
+        pixels = pixel_values.reshape(1, *pixel_values.shape) if pixel_values.dim() == len(expected) - 1 else pixel_values
+        if tuple(pixels.shape) != expected or not pixels.is_floating_point():
+            raise ValueError(
+                f"pixel_values of shape {list(pixel_values.shape)} ({pixel_values.dtype}) do not fit this "
+                f"program's vision encoder, which takes one float image of shape {list(expected)}: use the "
+                f"model's own processor (AutoProcessor from the model folder), which resizes images to "
+                f"{expected[-2]}x{expected[-1]}."
+            )
+        self.executions += 1
+        try:
+            return self._module.run_method("vision_encoder", (pixels.float().contiguous(),))[0][0]
+        except RuntimeError as e:
+            raise ProgramError(f"{self.path} failed to run vision_encoder ({e}).") from e
+
+    def _call(self, input_ids: torch.Tensor, positions: torch.Tensor, copy: bool, image_features=None) -> torch.Tensor:
+        embeds = self._module.run_method("token_embedding", (input_ids,))[0]  # a fresh tensor: ours to write
+        if image_features is not None:
+            where, features = image_features
+            start = int(positions[0])
+            inside = (where >= start) & (where < start + positions.shape[0])
+            if bool(inside.any()):
+                embeds[0, where[inside] - start] = features[inside].to(embeds.dtype)
+        return self._module.run_method("text_decoder", (embeds, positions), copy)[0]

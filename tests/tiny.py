@@ -298,3 +298,137 @@ def make_model_dir(path: str | Path, config=None, seed: int = 0, generation_conf
     model.save_pretrained(path)
     make_tokenizer(config.vocab_size).save_pretrained(path)
     return path
+
+
+# -- image-text-to-text -------------------------------------------------------------------------
+
+#: Tiny vision towers see 32x32 images in 8x8 patches.
+IMAGE_SIDE, PATCH = 32, 8
+#: The tiny VLM tokenizers' extra specials (what each family's processor looks for), after SPECIAL_TOKENS.
+VLM_SPECIALS = ["<image>", "<fake_token_around_image>", "<global-img>", "<end_of_utterance>",
+                "<start_of_image>", "<end_of_image>"]
+VLM_VOCAB = VOCAB_SIZE + 8
+
+
+def make_vlm_tokenizer():
+    """:func:`make_tokenizer` plus the image specials of :data:`VLM_SPECIALS` (ids 256..261)."""
+    tok = make_tokenizer()
+    tok.add_special_tokens({"additional_special_tokens": VLM_SPECIALS})
+    return tok
+
+
+def random_image(seed: int = 0, size: tuple[int, int] = (40, 48)):
+    """A PIL RGB image of random pixels (height, width)."""
+    import numpy as np
+    from PIL import Image
+
+    return Image.fromarray((np.random.RandomState(seed).rand(*size, 3) * 255).astype("uint8"))
+
+
+def _vision_tower(kind: str, **extra):
+    import transformers
+
+    fields = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                  image_size=IMAGE_SIDE, patch_size=PATCH, **extra)
+    return getattr(transformers, kind)(**fields).to_dict()
+
+
+def vlm_config(kind: str):
+    """A tiny image-text-to-text config of family ``kind`` (llava, smolvlm, idefics3, gemma3)."""
+    import transformers
+
+    tok = make_vlm_tokenizer()
+    image_id = tok.convert_tokens_to_ids("<image>")
+    text = {**_SMALL, "vocab_size": VLM_VOCAB}
+    if kind == "llava":
+        return transformers.LlavaConfig(
+            vision_config=_vision_tower("CLIPVisionConfig", projection_dim=32),
+            text_config=transformers.LlamaConfig(**text, tie_word_embeddings=False).to_dict(),
+            image_token_index=image_id, vision_feature_layer=-2, vision_feature_select_strategy="default",
+        )
+    if kind in ("smolvlm", "idefics3"):
+        prefix = "SmolVLM" if kind == "smolvlm" else "Idefics3"
+        return getattr(transformers, f"{prefix}Config")(
+            vision_config=_vision_tower(f"{prefix}VisionConfig"),
+            text_config=transformers.LlamaConfig(**text, tie_word_embeddings=False).to_dict(),
+            image_token_id=image_id, scale_factor=2, **TOKEN_IDS,
+        )
+    if kind == "gemma3":
+        return transformers.Gemma3Config(
+            vision_config=_vision_tower("SiglipVisionConfig"),
+            text_config=transformers.Gemma3TextConfig(**{**text, "head_dim": 16}, sliding_window=WINDOW,
+                                                      **_UNTIED).to_dict(),
+            mm_tokens_per_image=4, image_token_index=image_id,
+            boi_token_index=tok.convert_tokens_to_ids("<start_of_image>"),
+            eoi_token_index=tok.convert_tokens_to_ids("<end_of_image>"), **_UNTIED,
+        )
+    raise ValueError(kind)
+
+
+#: Image tokens per image of the tiny configs: LLaVA drops CLS of 16 patches; SmolVLM / Idefics3
+#: shuffle 16 patches by 2x2; Gemma 3 pools 16 patches to 4.
+VLM_TOKENS_PER_IMAGE = {"llava": 16, "smolvlm": 4, "idefics3": 4, "gemma3": 4}
+
+
+def vlm_processor(kind: str, tok=None):
+    """The family's processor over :func:`make_vlm_tokenizer` for 32x32 images (no tiling), or
+    ``None`` for Gemma 3 (whose processor needs a Gemma tokenizer) and SmolVLM (whose processor needs
+    torchvision): tests build their prompts by hand, as those processors lay them out."""
+    import transformers
+
+    tok = tok or make_vlm_tokenizer()
+    template = "{% for m in messages %}{{ m['content'] }}{% endfor %}"
+    if kind == "llava":
+        images = transformers.CLIPImageProcessorPil(
+            size={"shortest_edge": IMAGE_SIDE}, crop_size={"height": IMAGE_SIDE, "width": IMAGE_SIDE})
+        return transformers.LlavaProcessor(image_processor=images, tokenizer=tok, patch_size=PATCH,
+                                           vision_feature_select_strategy="default", num_additional_image_tokens=1,
+                                           chat_template=template)
+    if kind == "idefics3":
+        images = transformers.Idefics3ImageProcessorPil(
+            do_image_splitting=False, size={"longest_edge": IMAGE_SIDE}, max_image_size={"longest_edge": IMAGE_SIDE})
+        return transformers.Idefics3Processor(
+            image_processor=images, tokenizer=tok, image_seq_len=VLM_TOKENS_PER_IMAGE[kind], chat_template=template)
+    return None  # SmolVLM's processor needs a video processor, which needs torchvision
+
+
+def make_vlm_dir(kind: str, folder: Path, seed: int = 0) -> Path:
+    """Write a random-weight tiny VLM of family ``kind``, its tokenizer and (but Gemma 3) processor."""
+    import transformers
+
+    config = vlm_config(kind)
+    arch = {"llava": "LlavaForConditionalGeneration", "smolvlm": "SmolVLMForConditionalGeneration",
+            "idefics3": "Idefics3ForConditionalGeneration", "gemma3": "Gemma3ForConditionalGeneration"}[kind]
+    torch.manual_seed(seed)
+    model = getattr(transformers, arch)(config).eval()
+    model.save_pretrained(folder)
+    tok = make_vlm_tokenizer()
+    processor = vlm_processor(kind, tok)
+    (processor or tok).save_pretrained(folder)
+    return Path(folder)
+
+
+def vlm_inputs(kind: str, folder: Path, text: str = "Paris is the capital", seed: int = 0) -> dict:
+    """Processor outputs for one random image and ``text`` (built by hand for Gemma 3,
+    ``<bos> <start_of_image> <image>*4 <end_of_image> text``, and SmolVLM, ``<fake_token_around_image>
+    <global-img> <image>*4 <fake_token_around_image> text``, with random pixels in [-1, 1])."""
+    from transformers import AutoProcessor, AutoTokenizer
+
+    if kind in ("gemma3", "smolvlm"):
+        tok = AutoTokenizer.from_pretrained(folder)
+        special = tok.convert_tokens_to_ids
+        image = [special("<image>")] * VLM_TOKENS_PER_IMAGE[kind]
+        if kind == "gemma3":
+            ids = [tok.bos_token_id, special("<start_of_image>"), *image, special("<end_of_image>")]
+        else:
+            ids = [special("<fake_token_around_image>"), special("<global-img>"), *image, special("<fake_token_around_image>")]
+        ids += tok(text)["input_ids"]
+        g = torch.Generator().manual_seed(seed)
+        pixels = torch.rand(1, 3, IMAGE_SIDE, IMAGE_SIDE, generator=g) * 2 - 1
+        out = {"input_ids": torch.tensor([ids]), "attention_mask": torch.ones(1, len(ids), dtype=torch.long)}
+        if kind == "smolvlm":
+            return {**out, "pixel_values": pixels.unsqueeze(0),
+                    "pixel_attention_mask": torch.ones(1, 1, IMAGE_SIDE, IMAGE_SIDE, dtype=torch.long)}
+        return {**out, "pixel_values": pixels}
+    processor = AutoProcessor.from_pretrained(folder)
+    return dict(processor(images=random_image(seed), text="<image>" + text, return_tensors="pt"))

@@ -31,7 +31,7 @@ from torch import nn
 
 from ..architectures import cache_rebuild_length
 from ..config import ExportConfig
-from ..errors import ExportError
+from ..errors import ExportError, InvalidConfigError
 from ..hub import ModelSource, resolve
 from ..manifest import ETRECORD_NAME, PTE_NAME, Manifest, sha256_file
 from .layer_ops import apply_layer_ops
@@ -86,6 +86,9 @@ class Exporter:
         timings: seconds per completed stage.
         peak_rss: peak RSS in bytes after each completed stage.
     """
+
+    #: The program's method that decodes (``text_decoder`` in image-text-to-text programs).
+    decoder_method = "forward"
 
     def __init__(
         self,
@@ -162,6 +165,12 @@ class Exporter:
         Raises:
             ExportError: the model cannot run as the one-token program the backend makes.
         """
+        if self.export_config.qvision_requested:
+            raise InvalidConfigError(
+                f"qvision={self.export_config.qvision!r} quantizes a vision encoder, and {self.source.name} is "
+                f"exported as a text-only model (ETModelForCausalLM): leave qvision out, or load an "
+                f"image-text-to-text model with ETModelForImageTextToText."
+            )
         with self._stage("load"):
             self.loaded = load_model(
                 self.source, trust_remote_code=self.trust_remote_code, max_seq_len=self.export_config.max_seq_len
@@ -289,14 +298,14 @@ class Exporter:
     def metadata(self) -> dict[str, Any]:
         """The constant methods the program carries (read by ExecuTorch's runner and ours)."""
         loaded = self._require("loaded", "load")
-        config, tokenizer, gen = loaded.config, loaded.tokenizer, loaded.generation_config
+        config, tokenizer, gen = loaded.config.get_text_config(), loaded.tokenizer, loaded.generation_config
         eos: list[int] = []
         tok_eos, tok_bos = (None, None) if tokenizer is None else (tokenizer.eos_token_id, tokenizer.bos_token_id)
-        for value in (gen.eos_token_id, config.eos_token_id, tok_eos):
+        for value in (gen.eos_token_id, getattr(config, "eos_token_id", None), tok_eos):
             for token in value if isinstance(value, (list, tuple)) else [value]:
                 if token is not None and int(token) not in eos:
                     eos.append(int(token))
-        bos = next((b for b in (gen.bos_token_id, config.bos_token_id, tok_bos) if b is not None), -1)
+        bos = next((b for b in (gen.bos_token_id, getattr(config, "bos_token_id", None), tok_bos) if b is not None), -1)
         module = self._require("module", "source_transform")
         n_layers = getattr(config, "num_hidden_layers", None) or len(module.layer_ids)
         rebuild = cache_rebuild_length(loaded.architecture, config, self.export_config.max_seq_len)
@@ -311,7 +320,7 @@ class Exporter:
         return {
             "get_max_seq_len": self.export_config.tokens_per_call,  # tokens per forward call
             "get_max_context_len": self.export_config.max_seq_len,
-            "get_vocab_size": int(config.get_text_config().vocab_size),
+            "get_vocab_size": int(config.vocab_size),
             "get_bos_id": int(bos),
             "get_eos_ids": eos,
             "use_kv_cache": True,
@@ -341,12 +350,12 @@ class Exporter:
         edge = self._require("edge_program", "lower")
         from executorch.devtools.backend_debug import get_delegation_info
 
-        return get_delegation_info(edge.exported_program().graph_module)
+        return get_delegation_info(edge.exported_program(self.decoder_method).graph_module)
 
     def delegation_by_backend(self) -> dict[str, dict[str, int]]:
         """Which backend took which part of the lowered program: per delegate id (``XnnpackBackend``,
         ``OpenvinoBackend``), its subgraphs and the graph operators inside them."""
-        gm = self._require("edge_program", "lower").exported_program().graph_module
+        gm = self._require("edge_program", "lower").exported_program(self.decoder_method).graph_module
         counts: dict[str, dict[str, int]] = {}
         for node in gm.graph.nodes:
             if node.op == "call_function" and node.target is executorch_call_delegate():
@@ -419,11 +428,15 @@ class Exporter:
                     loaded.tokenizer.save_pretrained(staging)
                 if self.etrecord is not None:
                     self.etrecord.save(str(staging / ETRECORD_NAME))
+                self.write_extras(staging)
                 self.build_manifest(pte).write(staging)
                 _move_into_place(staging, output_dir)
             finally:
                 shutil.rmtree(staging, ignore_errors=True)
         return output_dir / PTE_NAME
+
+    def write_extras(self, folder: Path) -> None:
+        """Write any further files the model folder needs (a processor); none for text models."""
 
     def build_manifest(self, pte_path: str | os.PathLike) -> Manifest:
         """The :class:`~et_transformers.manifest.Manifest` of the program written at ``pte_path``."""

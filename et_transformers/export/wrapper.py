@@ -196,10 +196,14 @@ class ExportableCausalLM(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, cache_position: torch.Tensor) -> torch.Tensor:
         """Run ``input_ids`` at ``cache_position``; return the last positions' logits (see the class)."""
-        # input_ids: [1, S]; cache_position: [S]
+        return self._logits(cache_position, input_ids.shape[1], input_ids=input_ids)
+
+    def _logits(self, cache_position: torch.Tensor, n: int, **inputs: torch.Tensor) -> torch.Tensor:
+        """The logits of ``n`` positions at ``cache_position`` given ``input_ids=`` or ``inputs_embeds=``."""
+        # inputs: [1, S] ids or [1, S, hidden] embeddings; cache_position: [S]
         start = cache_position[0].item()
         torch._check(start >= 0)
-        torch._check(start + input_ids.shape[1] <= self.max_seq_len)
+        torch._check(start + n <= self.max_seq_len)
         cache = self._cache()
         cache.start_pos = start
         cache.positions = cache_position
@@ -212,7 +216,7 @@ class ExportableCausalLM(nn.Module):
             keep, head_swap = 0, _narrowed_head(self.model, self.verify_tokens)
         with head_swap:
             out = self.model(
-                input_ids=input_ids,
+                **inputs,
                 position_ids=cache_position.unsqueeze(0),
                 past_key_values=cache,
                 use_cache=True,

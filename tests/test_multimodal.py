@@ -1,0 +1,188 @@
+"""Image-text-to-text programs: tiny random LLaVA, SmolVLM, Idefics3 and Gemma 3 built in code.
+
+Golden tests: the float32 program, given the same image tensor, generates exactly the tokens of
+transformers' eager ``generate()``, and ExecuTorch's C++ ``MultimodalRunner`` the same text as our
+``generate()``. Then the bad inputs (each a ``ValueError`` before the program runs), the saved
+folder (processor included) and the quantized recipe.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import tiny
+from et_transformers import ETModelForCausalLM, ETModelForImageTextToText
+from et_transformers.errors import ProgramError, UnsupportedModelError
+
+FAMILIES = ("llava", "smolvlm", "idefics3", "gemma3")
+NEW = 12
+
+
+@pytest.fixture(scope="session")
+def vlm_dirs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("vlm")
+    return {kind: tiny.make_vlm_dir(kind, root / kind) for kind in FAMILIES}
+
+
+@pytest.fixture(scope="session")
+def vlm_cache(tmp_path_factory):
+    return tmp_path_factory.mktemp("vlm-cache")
+
+
+@pytest.fixture(scope="session")
+def vlm_models(vlm_dirs, vlm_cache):
+    """The fp32 program of each family (``verify_tokens=4``: prompt lookup can verify drafts)."""
+    return {
+        kind: ETModelForImageTextToText.from_pretrained(
+            folder, recipe="xnnpack-fp32", max_seq_len=128, verify_tokens=4, cache_dir=vlm_cache
+        )
+        for kind, folder in vlm_dirs.items()
+    }
+
+
+def _eager(folder):
+    from transformers import AutoModelForImageTextToText
+
+    return AutoModelForImageTextToText.from_pretrained(folder).eval()
+
+
+@pytest.mark.parametrize("kind", FAMILIES)
+def test_fp32_program_generates_transformers_tokens(kind, vlm_dirs, vlm_models):
+    folder, model = vlm_dirs[kind], vlm_models[kind]
+    inputs = tiny.vlm_inputs(kind, folder)
+    with torch.no_grad():
+        expected = _eager(folder).generate(**inputs, max_new_tokens=NEW, do_sample=False)
+    got = model.generate(**inputs, max_new_tokens=NEW, do_sample=False)
+    assert got.tolist() == expected.tolist()
+    assert set(model.program.method_names) >= {"vision_encoder", "token_embedding", "text_decoder"}
+    assert model.program.image_shape == (1, 3, tiny.IMAGE_SIDE, tiny.IMAGE_SIDE)
+    assert model.program.tokens_per_image == tiny.VLM_TOKENS_PER_IMAGE[kind]
+
+
+def test_the_image_decides_the_answer(vlm_dirs, vlm_models):
+    """Another image gives other tokens (so the features reach the decoder), the same ones eager does."""
+    folder, model = vlm_dirs["llava"], vlm_models["llava"]
+    first, second = (tiny.vlm_inputs("llava", folder, seed=s) for s in (0, 1))
+    eager = _eager(folder)
+    outs = []
+    for inputs in (first, second):
+        with torch.no_grad():
+            expected = eager.generate(**inputs, max_new_tokens=NEW, do_sample=False)
+        got = model.generate(**inputs, max_new_tokens=NEW, do_sample=False)
+        assert got.tolist() == expected.tolist()
+        outs.append(got[0, -NEW:].tolist())
+    assert outs[0] != outs[1]
+
+
+def test_stream_and_prompt_lookup_give_the_same_tokens(vlm_dirs, vlm_models):
+    model = vlm_models["llava"]
+    inputs = tiny.vlm_inputs("llava", vlm_dirs["llava"])
+    plain = model.generate(**inputs, max_new_tokens=NEW, do_sample=False)[0, -NEW:].tolist()
+    looked_up = model.generate(**inputs, max_new_tokens=NEW, do_sample=False, prompt_lookup_num_tokens=3)
+    assert looked_up[0, -NEW:].tolist() == plain
+    records = list(model.stream_generate(**inputs, max_new_tokens=NEW, do_sample=False))
+    assert [r.token for r in records] == plain
+    assert records[-1].finish_reason == "length"
+    # A text-only prompt runs on the same program, no image involved.
+    text = model.generate(inputs["input_ids"][:, -5:], max_new_tokens=4, do_sample=False)
+    assert text.shape == (1, 9)
+
+
+@pytest.mark.parametrize("kind", ("llava", "gemma3", "idefics3"))
+def test_cpp_multimodal_runner_generates_the_same_text(kind, vlm_dirs, vlm_models):
+    from executorch.extension.llm.runner import (
+        GenerationConfig, MultimodalRunner, make_image_input, make_token_input,
+    )
+
+    model = vlm_models[kind]
+    inputs = tiny.vlm_inputs(kind, vlm_dirs[kind])
+    ids = inputs["input_ids"][0].tolist()
+    got = model.generate(**inputs, max_new_tokens=NEW, do_sample=False)
+    image = model.image_token_id
+    first, last = ids.index(image), len(ids) - 1 - ids[::-1].index(image)
+    pixels = inputs["pixel_values"].reshape(model.program.image_shape)
+    runner_inputs = ([make_token_input(ids[:first])] if first else []) + [
+        make_image_input(pixels), make_token_input(ids[last + 1:])
+    ]
+    runner = MultimodalRunner(str(model.pte_path), str(model.pte_path.parent / "tokenizer.json"))
+    pieces: list[str] = []
+    runner.generate(runner_inputs, GenerationConfig(max_new_tokens=NEW, temperature=0.0, echo=False), pieces.append)
+    assert "".join(pieces) == model.tokenizer.decode(got[0, len(ids):])
+
+
+# -- bad input: a clear ValueError before the program runs ----------------------------------------
+
+
+def _unchanged(model):
+    """Context: the block must raise before the program runs (its execution counter stays)."""
+    class _Check:
+        def __enter__(self):
+            self.before = model.program.executions
+
+        def __exit__(self, *exc):
+            assert model.program.executions == self.before
+            return False
+
+    return _Check()
+
+
+def test_bad_image_inputs_raise_before_running(vlm_dirs, vlm_models):
+    model = vlm_models["llava"]
+    inputs = tiny.vlm_inputs("llava", vlm_dirs["llava"])
+    ids, pixels = inputs["input_ids"], inputs["pixel_values"]
+    image = model.image_token_id
+    text_ids = ids[:, ids[0] != image]
+    cases = [
+        (dict(input_ids=ids), "no pixel_values"),
+        (dict(input_ids=text_ids, pixel_values=pixels), "no image token"),
+        (dict(input_ids=ids, pixel_values=pixels[:, :, :16, :16]), "takes [3, 32, 32]"),
+        (dict(input_ids=ids, pixel_values=torch.cat([pixels, pixels])), "give 32 features"),
+        (dict(input_ids=ids.repeat(2, 1), pixel_values=pixels), "one prompt at a time"),
+        (dict(input_ids=ids, pixel_values=pixels.to(torch.uint8)), "float tensor"),
+        (dict(input_ids=ids, pixel_values=pixels, images=[object()]), "takes no PIL images"),
+    ]
+    for kwargs, message in cases:
+        with _unchanged(model), pytest.raises(ValueError, match=message.replace("[", r"\[")):
+            model.generate(**kwargs, max_new_tokens=2)
+    many = torch.cat([ids[:, :16]] * 9 + [ids[:, 16:]], dim=1)  # 9 images of 16 tokens in a context of 128
+    with _unchanged(model), pytest.raises(ValueError, match="9 image.*context holds 128"):
+        model.generate(many, pixel_values=torch.cat([pixels] * 9), max_new_tokens=2)
+
+
+def test_text_models_refuse_images_and_each_class_names_the_other(tiny_llama_et, tiny_llama_dir, vlm_dirs, vlm_models):
+    ids = torch.tensor([[5, 6, 7]])
+    with pytest.raises(ValueError, match="text-only model.*ETModelForImageTextToText"):
+        tiny_llama_et.generate(ids, pixel_values=torch.zeros(1, 3, 32, 32), max_new_tokens=2)
+    with pytest.raises(UnsupportedModelError, match="ETModelForImageTextToText"):
+        ETModelForCausalLM.from_pretrained(vlm_dirs["llava"], recipe="xnnpack-fp32", max_seq_len=64)
+    with pytest.raises(UnsupportedModelError, match="text-only.*ETModelForCausalLM"):
+        ETModelForImageTextToText.from_pretrained(tiny_llama_dir, recipe="xnnpack-fp32", max_seq_len=64)
+    with pytest.raises(ProgramError, match="image-text-to-text program.*ETModelForImageTextToText"):
+        ETModelForCausalLM.from_pte(vlm_models["llava"].pte_path)
+
+
+def test_saved_folder_loads_without_export_and_carries_the_processor(vlm_dirs, vlm_models, tmp_path):
+    from transformers import AutoProcessor
+
+    model = vlm_models["llava"]
+    saved = model.save_pretrained(tmp_path / "saved")
+    for name in ("processor_config.json", "tokenizer.json", "manifest.json"):
+        assert (saved / name).is_file(), name
+    again = ETModelForImageTextToText.from_pretrained(saved)
+    assert again.stats.export_time is None
+    processor = AutoProcessor.from_pretrained(saved)
+    inputs = dict(processor(images=tiny.random_image(3), text="<image>Rome is", return_tensors="pt"))
+    assert again.generate(**inputs, max_new_tokens=6).tolist() == model.generate(**inputs, max_new_tokens=6).tolist()
+    assert again.processor is not None
+
+
+def test_quantized_recipe_quantizes_the_vision_encoder(vlm_dirs, vlm_cache):
+    model = ETModelForImageTextToText.from_pretrained(
+        vlm_dirs["smolvlm"], recipe="xnnpack-8da4w", max_seq_len=64, cache_dir=vlm_cache
+    )
+    report = model.manifest.program["quantization"]
+    assert report["vision"]["scheme"] == "8da8w" and report["vision"]["linear"]["grouped"] > 0
+    inputs = tiny.vlm_inputs("smolvlm", vlm_dirs["smolvlm"])
+    out = model.generate(**inputs, max_new_tokens=4, do_sample=False)
+    assert out.shape == (1, inputs["input_ids"].shape[1] + 4)
