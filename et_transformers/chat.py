@@ -60,7 +60,9 @@ class ChatSession:
         self.tokenizer = tokenizer
         self.system_prompt = system_prompt
         self.generation_kwargs = generation_kwargs
-        self.messages: list[dict[str, str]] = []
+        self.messages: list[dict[str, Any]] = []
+        #: the conversation's images, in the order its messages show them
+        self.images: list[Any] = []
         self.reply_ids: list[int] = []
         self.stats = GenerationStats()
         #: the tokens the program's KV cache holds for this conversation (see :class:`PromptCache`)
@@ -82,6 +84,7 @@ class ChatSession:
     def reset(self) -> None:
         """Forget the conversation (the system prompt stays); the next turn starts at position 0."""
         self.messages = [{"role": "system", "content": self.system_prompt}] if self.system_prompt else []
+        self.images = []
         self.prompt_cache.clear()
         self.reply_ids = []
         self.stats = GenerationStats()
@@ -95,11 +98,19 @@ class ChatSession:
 
     # -- turns ------------------------------------------------------------------------------
 
-    def send(self, text: str, *, streamer=None, **generation_kwargs: Any) -> str:
+    def render_with_images(self, messages: list[dict[str, Any]], images: list[Any]) -> tuple[list[int], dict]:
+        """Token ids of ``messages`` (showing ``images`` in order) through the model's processor, and
+        the processor's image tensors (``pixel_values``, ...) for them."""
+        encoded = self.model.prepare_inputs(messages, images)
+        return encoded.pop("input_ids")[0].tolist(), encoded
+
+    def send(self, text: str, *, images=(), streamer=None, **generation_kwargs: Any) -> str:
         """Add a user message, generate the assistant's reply, and return its text.
 
         Args:
             text: the user's message.
+            images: images shown with it (PIL images or paths), for an image-text-to-text model;
+                they stay in the conversation, and later turns reuse their place in the KV cache.
             streamer: a transformers streamer (``TextStreamer(tok, skip_prompt=True)`` prints the
                 reply as it is produced).
             **generation_kwargs: ``generate()`` options for this turn, over the session's defaults.
@@ -113,11 +124,11 @@ class ChatSession:
                 :meth:`reset` (or a new session) starts over.
             ValueError: invalid generation options.
         """
-        messages, ids, options = self._prepare_turn(text, generation_kwargs)
+        messages, images, ids, options = self._prepare_turn(text, images, generation_kwargs)
         new, cached, stats = self.prompt_cache.generate(ids, streamer=streamer, **options)
-        return self._finish_turn(messages, ids, new, cached, stats)
+        return self._finish_turn(messages, images, ids, new, cached, stats)
 
-    def stream(self, text: str, **generation_kwargs: Any) -> Iterator[GenerationResponse]:
+    def stream(self, text: str, *, images=(), **generation_kwargs: Any) -> Iterator[GenerationResponse]:
         """Like :meth:`send`, but yield the reply token by token as it is produced.
 
         The tokens are those :meth:`send` gives; the records are
@@ -126,6 +137,7 @@ class ChatSession:
 
         Args:
             text: the user's message.
+            images: as for :meth:`send`.
             **generation_kwargs: as for :meth:`send`, plus ``logprobs`` and ``top_logprobs``.
 
         Returns:
@@ -136,15 +148,31 @@ class ChatSession:
             ValueError: invalid generation options, raised by the first iteration (the turn's
                 cache reuse is decided then, while the stream holds the model).
         """
-        messages, ids, options = self._prepare_turn(text, generation_kwargs)
+        messages, images, ids, options = self._prepare_turn(text, images, generation_kwargs)
         return self.prompt_cache.stream(
-            ids, on_finish=lambda stats, new, cached: self._finish_turn(messages, ids, new, cached, stats), **options
+            ids, on_finish=lambda stats, new, cached: self._finish_turn(messages, images, ids, new, cached, stats),
+            **options,
         )
 
-    def _prepare_turn(self, text: str, generation_kwargs: dict[str, Any]):
-        """``(messages with the new one, their token ids, this turn's generate() options)``."""
-        messages = [*self.messages, {"role": "user", "content": text}]
-        ids = self.render(messages)
+    def _prepare_turn(self, text: str, images, generation_kwargs: dict[str, Any]):
+        """``(messages with the new one, the conversation's images, their token ids, this turn's
+        generate() options)``."""
+        new_images = [_open_image(i) for i in images]
+        if new_images and not hasattr(self.model, "image_features"):
+            raise ValueError(
+                f"{self.model.pte_path.parent.name} is a text-only model: it takes no images. Load an "
+                f"image-text-to-text model with ETModelForImageTextToText."
+            )
+        content: Any = text
+        if new_images:
+            content = [*({"type": "image"} for _ in new_images), {"type": "text", "text": text}]
+        messages = [*self.messages, {"role": "user", "content": content}]
+        all_images = [*self.images, *new_images]
+        pixels: dict = {}
+        if all_images:
+            ids, pixels = self.render_with_images(messages, all_images)
+        else:
+            ids = self.render(messages)
         context = self.context_size
         room = context - len(ids)
         if room < 1:
@@ -155,11 +183,16 @@ class ChatSession:
         options = {**self.generation_kwargs, **generation_kwargs}
         wanted = options.get("max_new_tokens") or self.model.generation_config.max_new_tokens
         options["max_new_tokens"] = min(wanted or DEFAULT_MAX_NEW_TOKENS, room)
-        return messages, ids, options
+        if pixels:  # earlier images' features come from the model's cache of them
+            import torch
 
-    def _finish_turn(self, messages, ids: list[int], new: list[int], cached: int, stats: GenerationStats) -> str:
+            options["image_features"] = self.model.image_features(torch.tensor([ids]), **pixels)
+        return messages, all_images, ids, options
+
+    def _finish_turn(self, messages, images, ids: list[int], new: list[int], cached: int, stats: GenerationStats) -> str:
         """Record a finished turn (reply, stats) and return the reply text."""
         row = ids + new
+        self.images = images
         self.reply_ids = new
         reply = self.tokenizer.decode(self.reply_ids, skip_special_tokens=True)
         self.messages = [*messages, {"role": "assistant", "content": reply}]
@@ -172,3 +205,16 @@ class ChatSession:
         )
         self.stats = stats
         return reply
+
+
+def _open_image(image):
+    """A PIL image from a PIL image or a path (converted to RGB, as processors expect)."""
+    if isinstance(image, (str, bytes)) or hasattr(image, "__fspath__"):
+        from PIL import Image
+
+        try:
+            with Image.open(image) as opened:
+                return opened.convert("RGB")
+        except OSError as e:
+            raise ValueError(f"cannot read the image {image}: {e}") from e
+    return image

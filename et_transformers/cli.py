@@ -174,6 +174,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_tokenizer_option(p)
     p.add_argument("prompt", help="the prompt text")
     p.add_argument("--chat", action="store_true", help="apply the tokenizer's chat template to the prompt")
+    p.add_argument("--image", action="append", type=Path, metavar="PATH",
+                   help="an image shown with the prompt (image-text-to-text models; repeat for several)")
     p.add_argument("--stats", action="store_true", help="print TTFT, prefill/decode tok/s and peak RSS")
     g = p.add_argument_group("structured output (one of; needs the 'structured' extra)")
     form = g.add_mutually_exclusive_group()

@@ -62,14 +62,13 @@ def _load(args: argparse.Namespace, warmup: bool = True):
     Without ``--verbose`` the ExecuTorch runtime is started first with its C++ log lines muted
     (they are written to file descriptor 2, past Python's logging: see ``runtime.start_runtime``).
     """
-    from .modeling import ETModelForCausalLM
     from .runtime import start_runtime
 
     if not getattr(args, "verbose", False):
         with _native_stderr_muted():
             start_runtime()
 
-    return ETModelForCausalLM.from_pretrained(
+    return _model_class(args).from_pretrained(
         args.model,
         recipe=args.recipe,
         revision=args.revision,
@@ -82,6 +81,37 @@ def _load(args: argparse.Namespace, warmup: bool = True):
         tokenizer=getattr(args, "tokenizer", None),  # generate, chat and profile take --tokenizer
         **_export_overrides(args),
     )
+
+
+def _model_class(args: argparse.Namespace):
+    """``ETModelForImageTextToText`` when the model named is an image-text-to-text one (its
+    ``config.json`` says so), else ``ETModelForCausalLM``."""
+    from . import hub
+    from .architectures import VISION_MODEL_TYPES
+    from .modeling import ETModelForCausalLM
+
+    try:
+        source = hub.resolve(args.model, revision=args.revision, gguf_file=args.gguf_file, cache_dir=args.cache_dir,
+                             local_files_only=args.offline)
+        model_type = json.loads((source.path / "config.json").read_text()).get("model_type")
+    except (ETTransformersError, OSError, ValueError):
+        model_type = None  # from_pretrained reports what is wrong with the model
+    if model_type in VISION_MODEL_TYPES:
+        from .modeling_vlm import ETModelForImageTextToText
+
+        return ETModelForImageTextToText
+    return ETModelForCausalLM
+
+
+def _image_inputs(model, prompt: str, images: list, chat: bool) -> dict:
+    """The processor's inputs (``input_ids``, ``pixel_values``...) for ``prompt`` showing ``images``."""
+    from .chat import _open_image
+
+    if not hasattr(model, "prepare_inputs"):
+        raise ETTransformersError(
+            f"--image was given, but {model.pte_path.parent.name} is a text-only model: it takes no images."
+        )
+    return model.prepare_inputs(prompt, [_open_image(path) for path in images], chat=chat)
 
 
 def _generation_kwargs(args: argparse.Namespace) -> dict:
@@ -186,12 +216,15 @@ def cmd_generate(args: argparse.Namespace) -> int:
     tok = _require_tokenizer(model, args)
     from .profiling import encode_prompt
 
-    ids = encode_prompt(tok, args.prompt, args.chat)
+    if args.image:
+        inputs = _image_inputs(model, args.prompt, args.image, args.chat)
+    else:
+        inputs = {"input_ids": encode_prompt(tok, args.prompt, args.chat)}
     kwargs = _generation_kwargs(args)
     response_format = _response_format(args)
     if response_format is not None:
         kwargs["response_format"] = response_format
-    model.generate(ids, streamer=_streamer(tok), **kwargs)
+    model.generate(**inputs, streamer=_streamer(tok), **kwargs)
     if args.stats:
         _err(model.stats.summary())
     return 0
@@ -207,7 +240,8 @@ def _chat_stats(session) -> str:
     )
 
 
-CHAT_HELP = "/reset starts over, /stats shows the last turn's figures, Ctrl-D (or /exit) leaves."
+CHAT_HELP = ("/image PATH shows an image with your next message, /reset starts over, /stats shows the last "
+             "turn's figures, Ctrl-D (or /exit) leaves.")
 
 
 def cmd_chat(args: argparse.Namespace) -> int:
@@ -219,6 +253,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
     if sys.stdin is None:  # started with stdin closed (`<&-`): no message will ever come
         return 0
     interactive = sys.stdin.isatty()
+    pending: list[str] = []  # /image paths for the next message
     if interactive:
         _err(f"Chatting with {args.model} (context {session.context_size} tokens). {CHAT_HELP}")
     while True:
@@ -242,14 +277,26 @@ def cmd_chat(args: argparse.Namespace) -> int:
         if text == "/stats":
             _err(_chat_stats(session))
             continue
+        if text.split()[0] == "/image":
+            path = text[len("/image"):].strip()
+            if not hasattr(model, "image_features"):
+                _err(f"{args.model} is a text-only model: it takes no images.")
+            elif not path or not Path(path).is_file():
+                _err(f"no image file at {path!r}: /image PATH")
+            else:
+                pending.append(path)
+                _err(f"(image {Path(path).name} goes with your next message)")
+            continue
         if text.startswith("/"):
             _err(f"unknown command {text.split()[0]}: {CHAT_HELP}")
             continue
         try:
-            session.send(text, streamer=_streamer(session.tokenizer))
-        except ContextFullError as e:
-            _err(f"context full: {e}")
+            session.send(text, images=pending, streamer=_streamer(session.tokenizer))
+        except (ContextFullError, ValueError) as e:
+            _err(f"context full: {e}" if isinstance(e, ContextFullError) else str(e))
             continue
+        finally:
+            pending = []
         if args.stats:
             _err(_chat_stats(session))
         if session.stats.extra.get("context_full"):

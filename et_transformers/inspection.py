@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import re
 import logging
 import os
 import subprocess
@@ -161,7 +162,16 @@ def _flatbuffers_to_json(schema: Path, blobs: list[bytes]) -> list[dict]:
         proc = subprocess.run(cmd, capture_output=True, text=True)
         if proc.returncode != 0:
             raise ProgramError(f"flatc could not decode the program ({proc.stderr.strip()[:300]}).")
-        return [json.loads(n.with_suffix(".json").read_text()) for n in names]
+        # flatc spells non-finite doubles (a -inf mask fill in a vision encoder) as bare inf / nan
+        return [json.loads(_FLATC_NON_FINITE.sub(_json_non_finite, n.with_suffix(".json").read_text())) for n in names]
+
+
+_FLATC_NON_FINITE = re.compile(r'(?<=: )(-?)(inf|nan)\b')
+
+
+def _json_non_finite(match: re.Match) -> str:
+    """flatc's ``inf`` / ``-inf`` / ``nan`` as the ``Infinity`` / ``-Infinity`` / ``NaN`` Python's json reads."""
+    return match.group(1) + ("Infinity" if match.group(2) == "inf" else "NaN")
 
 
 def _read_program(path: Path) -> tuple[dict, bytes, int]:

@@ -12,12 +12,15 @@ the prompt before anything runs.
 
 from __future__ import annotations
 
+import hashlib
 import logging
+from collections import OrderedDict
 from collections.abc import Iterator
 from typing import Any
 
 import torch
 
+from .errors import ETTransformersError
 from .modeling import ETModelForCausalLM
 from .runtime import MultimodalProgram
 from .streaming import GenerationResponse
@@ -26,6 +29,8 @@ __all__ = ["ETModelForImageTextToText"]
 
 logger = logging.getLogger(__name__)
 
+#: Images whose features a model keeps (by content), so a chat does not encode its history again.
+_FEATURE_CACHE_SIZE = 16
 #: Families whose processors return tiles as ``[batch, tiles, 3, H, W]`` (all-zero tiles are padding).
 _TILED = ("idefics3", "smolvlm")
 
@@ -58,15 +63,60 @@ class ETModelForImageTextToText(ETModelForCausalLM):
 
     @property
     def processor(self):
-        """The model's processor (``AutoProcessor`` of the files beside the program), or ``None``."""
+        """The model's processor (``AutoProcessor`` of the files beside the program), or ``None``
+        when the folder has no processor files.
+
+        Raises:
+            ETTransformersError: the files are there but transformers cannot build the processor
+                on this machine (the message says why).
+        """
         if not hasattr(self, "_processor"):
             folder = self.pte_path.parent
             self._processor = None
             if (folder / "preprocessor_config.json").is_file() or (folder / "processor_config.json").is_file():
                 from transformers import AutoProcessor
 
-                self._processor = AutoProcessor.from_pretrained(folder)
+                try:
+                    self._processor = AutoProcessor.from_pretrained(folder)
+                except (ImportError, AttributeError, TypeError, ValueError) as e:
+                    raise ETTransformersError(
+                        f"transformers cannot build the processor in {folder} here ({type(e).__name__}: {e}). "
+                        f"Prepare input_ids and pixel_values another way (SmolVLM's processor needs torchvision "
+                        f"for its video part) and pass them to generate()."
+                    ) from e
         return self._processor
+
+    def prepare_inputs(self, prompt: str | list[dict[str, Any]], images: list, *, chat: bool = True) -> dict:
+        """The processor's inputs (``input_ids``, ``pixel_values``, ...) for a prompt showing ``images``.
+
+        Args:
+            prompt: chat messages (content a string, or a list of ``{"type": "image"}`` and
+                ``{"type": "text", "text": ...}`` parts), rendered with the processor's chat
+                template and the generation prompt; or a text, as a user message when ``chat``,
+                else as is (with the family's image placeholder put in front of it, one per image,
+                unless it has them).
+            images: PIL images, in the order the prompt shows them.
+
+        Raises:
+            ETTransformersError: the model folder has no processor.
+        """
+        processor = self.processor
+        if processor is None:
+            raise ETTransformersError(
+                f"{self.pte_path.parent} has no processor files (processor_config.json): pass input_ids and "
+                f"pixel_values to generate() yourself."
+            )
+        if isinstance(prompt, str) and chat:
+            prompt = [{"role": "user", "content": [*({"type": "image"} for _ in images), {"type": "text", "text": prompt}]}]
+        if isinstance(prompt, str):
+            token = getattr(processor, "image_token", None) or "<image>"
+            text = prompt if token in prompt else token * len(images) + prompt
+        else:
+            text = processor.apply_chat_template(prompt, add_generation_prompt=True, tokenize=False)
+        tiled = self.model_type in _TILED
+        encoded = processor(images=[list(images)] if tiled else list(images), text=text, return_tensors="pt",
+                            add_special_tokens=isinstance(prompt, str))
+        return {k: v for k, v in encoded.items() if k in ("input_ids", "pixel_values", "pixel_attention_mask")}
 
     @property
     def image_token_id(self) -> int:
@@ -176,10 +226,25 @@ class ETModelForImageTextToText(ETModelForCausalLM):
                     f"{list(self.program.image_shape[1:])}: use the model's own processor (AutoProcessor from "
                     f"{self.pte_path.parent}), which resizes images to that size."
                 )
-        with self.program.lock:
-            features = torch.cat([self.program.encode_image(t) for t in tiles], dim=0)
+        features = torch.cat([self._encode(t) for t in tiles], dim=0)
         positions = (row == image_id).nonzero()[:, 0]
         return positions, features
+
+    def _encode(self, tile: torch.Tensor) -> torch.Tensor:
+        """One image's features, from the last :data:`_FEATURE_CACHE_SIZE` images' when it is one
+        of them (a chat re-sends its earlier images every turn)."""
+        pixels = tile.float().contiguous()
+        key = hashlib.sha256(pixels.numpy().tobytes()).digest()
+        cache = self.__dict__.setdefault("_features", OrderedDict())
+        if key in cache:
+            cache.move_to_end(key)
+            return cache[key]
+        with self.program.lock:
+            features = self.program.encode_image(pixels)
+        cache[key] = features
+        while len(cache) > _FEATURE_CACHE_SIZE:
+            cache.popitem(last=False)
+        return features
 
     def _with_images(self, kwargs: dict, input_ids, attention_mask) -> dict:
         """``kwargs`` with the image inputs replaced by the features the generation loop takes."""

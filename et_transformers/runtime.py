@@ -502,8 +502,7 @@ class MultimodalProgram(Program):
                 f"model's own processor (AutoProcessor from the model folder), which resizes images to "
                 f"{expected[-2]}x{expected[-1]}."
             )
-        self.executions += 1
-        try:
+        try:  # not counted in ``executions``: the encoder leaves the KV cache as it was
             return self._module.run_method("vision_encoder", (pixels.float().contiguous(),))[0][0]
         except RuntimeError as e:
             raise ProgramError(f"{self.path} failed to run vision_encoder ({e}).") from e

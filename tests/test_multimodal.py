@@ -186,3 +186,51 @@ def test_quantized_recipe_quantizes_the_vision_encoder(vlm_dirs, vlm_cache):
     inputs = tiny.vlm_inputs("smolvlm", vlm_dirs["smolvlm"])
     out = model.generate(**inputs, max_new_tokens=4, do_sample=False)
     assert out.shape == (1, inputs["input_ids"].shape[1] + 4)
+
+
+@pytest.mark.parametrize("kind", ("llava", "idefics3"))
+def test_chat_with_images_reuses_the_cache_and_matches_stateless_generate(kind, vlm_dirs, vlm_models, tmp_path):
+    from et_transformers import ChatSession
+
+    model = vlm_models[kind]
+    path = tmp_path / "photo.png"
+    tiny.random_image(5).save(path)
+    session = ChatSession(model, max_new_tokens=6, do_sample=False)
+    first = session.send("What is this?", images=[path])
+    second = session.send("And this one?", images=[tiny.random_image(6)])
+    assert session.stats.extra["cached_tokens"] > 0  # the first turn (its image included) was not read again
+    third = session.send("Thanks")
+    assert len(session.images) == 2
+    # Stateless: the whole conversation through the processor and generate().
+    ids, pixels = session.render_with_images(session.messages[:-1], session.images)
+    out = model.generate(torch.tensor([ids]), **pixels, max_new_tokens=6, do_sample=False)
+    assert model.tokenizer.decode(out[0, len(ids):], skip_special_tokens=True) == third
+    assert first and second is not None
+    text_only = ChatSession(vlm_models[kind])
+    with pytest.raises(ValueError, match="cannot read the image"):
+        text_only.send("hi", images=[tmp_path / "missing.png"])
+
+
+def test_cli_generate_with_an_image_chat_with_image_and_inspect(vlm_dirs, vlm_models, tmp_path):
+    from conftest import run_cli
+
+    model = vlm_models["llava"]
+    folder = model.pte_path.parent
+    path = tmp_path / "photo.png"
+    tiny.random_image(7).save(path)
+    greedy = ("--max-new-tokens", "6")
+    proc = run_cli("generate", folder, "Paris is", "--image", path, *greedy)
+    assert proc.returncode == 0, proc.stderr
+    inputs = model.prepare_inputs("Paris is", [tiny.random_image(7).convert("RGB")], chat=False)
+    expected = model.generate(**inputs, max_new_tokens=6, do_sample=False)
+    assert proc.stdout.strip() == model.tokenizer.decode(expected[0, inputs["input_ids"].shape[1]:],
+                                                          skip_special_tokens=True).strip()
+    chat = run_cli("chat", folder, *greedy, input=f"/image {path}\nWhat is this?\nAnd now?\n")
+    assert chat.returncode == 0, chat.stderr
+    assert "goes with your next message" in chat.stderr
+    inspected = run_cli("inspect", folder)
+    assert inspected.returncode == 0, inspected.stderr
+    for method in ("vision_encoder", "token_embedding", "text_decoder"):
+        assert method in inspected.stdout
+    refused = run_cli("generate", folder, "hi", "--image", tmp_path / "none.png", *greedy)
+    assert refused.returncode != 0 and "cannot read the image" in refused.stderr

@@ -365,6 +365,14 @@ def vlm_config(kind: str):
     raise ValueError(kind)
 
 
+#: A chat template in the processors' style: a message's content is text, or a list of image and
+#: text parts (an image part renders as the family's placeholder, which the processor expands).
+VLM_CHAT_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{% if m['content'] is string %}{{ m['content'] }}"
+    "{% else %}{% for c in m['content'] %}{% if c['type'] == 'image' %}<image>{% else %}{{ c['text'] }}{% endif %}"
+    "{% endfor %}{% endif %}<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
 #: Image tokens per image of the tiny configs: LLaVA drops CLS of 16 patches; SmolVLM / Idefics3
 #: shuffle 16 patches by 2x2; Gemma 3 pools 16 patches to 4.
 VLM_TOKENS_PER_IMAGE = {"llava": 16, "smolvlm": 4, "idefics3": 4, "gemma3": 4}
@@ -377,7 +385,7 @@ def vlm_processor(kind: str, tok=None):
     import transformers
 
     tok = tok or make_vlm_tokenizer()
-    template = "{% for m in messages %}{{ m['content'] }}{% endfor %}"
+    template = VLM_CHAT_TEMPLATE
     if kind == "llava":
         images = transformers.CLIPImageProcessorPil(
             size={"shortest_edge": IMAGE_SIDE}, crop_size={"height": IMAGE_SIDE, "width": IMAGE_SIDE})
