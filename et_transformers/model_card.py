@@ -24,6 +24,8 @@ from .manifest import Manifest
 #: The card template (``string.Template`` syntax: ``${name}``).
 #: Shipped inside the package (``model_cards/template.md`` in the repository links to it).
 TEMPLATE_PATH = Path(__file__).resolve().parent / "templates" / "model_card.md"
+#: The card template of image-text-to-text programs (same placeholders; their "Run it" section).
+VLM_TEMPLATE_PATH = TEMPLATE_PATH.with_name("model_card_vlm.md")
 #: ``benchmarks/quality.py --write`` replaces the text between these markers.
 QUALITY_MARKERS = ("<!-- quality-table:start -->", "<!-- quality-table:end -->")
 
@@ -201,7 +203,8 @@ def render(
         folder_name: the folder's name, loaded by the examples when ``card.repo_id`` is unset.
         runner_tokenizer: the tokenizer file ExecuTorch's runner loads (``None`` when absent).
         chat: whether the tokenizer has a chat template (the examples then use it).
-        template: the template file; :data:`TEMPLATE_PATH` by default.
+        template: the template file; :data:`TEMPLATE_PATH` by default (:data:`VLM_TEMPLATE_PATH` for
+            an image-text-to-text program).
 
     Returns:
         The card's text.
@@ -211,7 +214,10 @@ def render(
         KeyError: the template names a placeholder this function does not fill.
     """
     card = card or CardData()
-    template_path = Path(template) if template else TEMPLATE_PATH
+    from .architectures import VISION_MODEL_TYPES
+
+    vision = manifest.model_type in VISION_MODEL_TYPES
+    template_path = Path(template) if template else (VLM_TEMPLATE_PATH if vision else TEMPLATE_PATH)
     if not template_path.is_file():
         raise FileNotFoundError(
             f"model card template {template_path} does not exist; pass template= or run from a checkout "
@@ -252,7 +258,8 @@ def render(
         "summary": (
             f"An ExecuTorch program of {name}, exported by et_transformers: attention runs as "
             f"`llama.custom_sdpa` over an in-place KV cache, and the linear layers are {linears}. "
-            f"It loads with `ETModelForCausalLM.from_pretrained` and with ExecuTorch's C++ LLM runner."
+            f"It loads with `{'ETModelForImageTextToText' if vision else 'ETModelForCausalLM'}.from_pretrained` "
+            f"and with ExecuTorch's C++ {'multimodal' if vision else 'LLM'} runner."
         ),
         "source": _source(manifest, base_model),
         "recipe": f"`{recipe}`" if recipe else "custom (see `manifest.json`)",

@@ -89,7 +89,7 @@ def test_stream_and_prompt_lookup_give_the_same_tokens(vlm_dirs, vlm_models):
     assert text.shape == (1, 9)
 
 
-@pytest.mark.parametrize("kind", ("llava", "gemma3", "idefics3"))
+@pytest.mark.parametrize("kind", FAMILIES)
 def test_cpp_multimodal_runner_generates_the_same_text(kind, vlm_dirs, vlm_models):
     from executorch.extension.llm.runner import (
         GenerationConfig, MultimodalRunner, make_image_input, make_token_input,
@@ -175,6 +175,9 @@ def test_saved_folder_loads_without_export_and_carries_the_processor(vlm_dirs, v
     inputs = dict(processor(images=tiny.random_image(3), text="<image>Rome is", return_tensors="pt"))
     assert again.generate(**inputs, max_new_tokens=6).tolist() == model.generate(**inputs, max_new_tokens=6).tolist()
     assert again.processor is not None
+    card = (saved / "README.md").read_text()
+    assert "ETModelForImageTextToText.from_pretrained" in card and "MultimodalRunner" in card
+    assert "ETModelForCausalLM" not in card
 
 
 def test_quantized_recipe_quantizes_the_vision_encoder(vlm_dirs, vlm_cache):
