@@ -53,27 +53,36 @@ class PromptCache:
     def __init__(self, model):
         self.model = model
         self.tokens: list[int] = []
+        #: ``(positions, features)`` of the images among :attr:`tokens` (image-text-to-text models)
+        self.image_features: tuple[torch.Tensor, torch.Tensor] | None = None
         self._executions = -1  # program.executions right after our last generation
 
     def clear(self) -> None:
         """Forget what the cache holds: the next generation prefills its whole prompt."""
-        self.tokens, self._executions = [], -1
+        self.tokens, self.image_features, self._executions = [], None, -1
 
-    def matched(self, ids: list[int]) -> int:
+    def matched(self, ids: list[int], image_features=None) -> int:
         """How many leading tokens of ``ids`` the KV cache holds now and a generation would reuse
-        (at least one token is always prefilled: its logits choose the first new token)."""
+        (at least one token is always prefilled: its logits choose the first new token).
+
+        Image placeholder tokens are the same ids whatever the image: with ``image_features``
+        (the prompt's ``(positions, features)``) the reuse also stops at the first image position
+        whose features differ from those the cache was filled with.
+        """
         if self.model.program.executions != self._executions or not ids:
             return 0
-        return min(common_prefix_length(self.tokens, ids), len(ids) - 1)
+        n = min(common_prefix_length(self.tokens, ids), len(ids) - 1)
+        return _first_image_difference(self.image_features, image_features, n)
 
-    def _reusable(self, ids: list[int]) -> int:
+    def _reusable(self, ids: list[int], image_features=None) -> int:
         if self.tokens and self.model.program.executions != self._executions:
             logger.info("The program ran other work since this cache's last generation: prefilling the whole prompt.")
-        return self.matched(ids)
+        return self.matched(ids, image_features)
 
-    def _record(self, ids: list[int], new: list[int]) -> None:
+    def _record(self, ids: list[int], new: list[int], image_features=None) -> None:
         # The last sampled token was never fed to the program: the cache holds all but it.
         self.tokens = (ids + new)[:-1] if new else list(ids)
+        self.image_features = image_features
         self._executions = self.model.program.executions
 
     def generate(self, ids: list[int], *, streamer=None, **kwargs: Any) -> tuple[list[int], int, GenerationStats]:
@@ -92,7 +101,7 @@ class PromptCache:
         """
         model = self.model
         with model.program.lock:  # the cache check, the generation and the bookkeeping, as one
-            cached = self._reusable(ids)
+            cached = self._reusable(ids, kwargs.get("image_features"))
             out, stats = model._generator.generate(
                 model.generation_config,
                 torch.tensor([ids], dtype=torch.long),
@@ -102,7 +111,7 @@ class PromptCache:
             )
             sequences = out if isinstance(out, torch.Tensor) else out.sequences  # return_dict_in_generate
             new = sequences[0, len(ids):].tolist()
-            self._record(ids, new)
+            self._record(ids, new, kwargs.get("image_features"))
             return new, cached, stats
 
     def stream(self, ids: list[int], *, on_finish: OnFinish | None = None, **kwargs: Any) -> Iterator[GenerationResponse]:
@@ -125,7 +134,7 @@ class PromptCache:
         """
         model = self.model
         with model.program.lock:  # held for the whole stream, as in generate()
-            cached = self._reusable(ids)
+            cached = self._reusable(ids, kwargs.get("image_features"))
             finished: list[tuple[GenerationStats, list[int]]] = []
             records = stream(
                 model._generator,
@@ -150,10 +159,27 @@ class PromptCache:
                 records.close()
                 if finished:
                     stats, new = finished[0]
-                    self._record(ids, new)
+                    self._record(ids, new, kwargs.get("image_features"))
                     if on_finish is not None:
                         on_finish(stats, new, cached)
                     if failed or program.executions != last:
                         # The stream broke off, or something else ran the program while it was
                         # paused: the cache no longer holds this sequence.
                         self.clear()
+
+
+def _image_rows(image_features, n: int) -> dict[int, torch.Tensor]:
+    if image_features is None:
+        return {}
+    positions, features = image_features
+    return {int(p): features[i] for i, p in enumerate(positions.tolist()) if p < n}
+
+
+def _first_image_difference(cached, new, n: int) -> int:
+    """The first of positions ``0 .. n-1`` where the cached and the new image features differ
+    (an image on one side only, or other features), else ``n``."""
+    old_rows, new_rows = _image_rows(cached, n), _image_rows(new, n)
+    for p in sorted(old_rows.keys() | new_rows.keys()):
+        if p not in old_rows or p not in new_rows or not torch.equal(old_rows[p], new_rows[p]):
+            return p
+    return n

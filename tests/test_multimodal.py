@@ -237,3 +237,58 @@ def test_cli_generate_with_an_image_chat_with_image_and_inspect(vlm_dirs, vlm_mo
         assert method in inspected.stdout
     refused = run_cli("generate", folder, "hi", "--image", tmp_path / "none.png", *greedy)
     assert refused.returncode != 0 and "cannot read the image" in refused.stderr
+
+
+def test_prompt_cache_reuses_a_prefix_only_while_its_images_are_the_same(vlm_dirs, vlm_models):
+    from et_transformers.prompt_cache import PromptCache
+
+    model = vlm_models["llava"]
+    cache = PromptCache(model)
+    inputs = [tiny.vlm_inputs("llava", vlm_dirs["llava"], seed=s) for s in (0, 1)]
+    ids = inputs[0]["input_ids"][0].tolist()
+    assert ids == inputs[1]["input_ids"][0].tolist()  # the same placeholders, other pixels
+    features = [model.image_features(x["input_ids"], x["pixel_values"]) for x in inputs]
+    first_image = int(features[0][0][0])
+    cache.generate(ids, image_features=features[0], max_new_tokens=3, do_sample=False)
+    assert cache.matched(ids, features[0]) == len(ids) - 1
+    assert cache.matched(ids, features[1]) == first_image  # the other image is read again
+    new, cached, _ = cache.generate(ids, image_features=features[1], max_new_tokens=NEW, do_sample=False)
+    assert cached == first_image
+    plain = model.generate(inputs[1]["input_ids"], pixel_values=inputs[1]["pixel_values"], max_new_tokens=NEW,
+                           do_sample=False)
+    assert new == plain[0, len(ids):].tolist()
+
+
+def test_server_chat_completion_with_an_image(vlm_dirs, vlm_models, tiny_llama_et):
+    pytest.importorskip("uvicorn")
+    import base64
+    import io
+
+    import openai
+
+    from et_transformers.serving import create_app, running
+
+    model = vlm_models["llava"]
+    buffer = io.BytesIO()
+    tiny.random_image(9).save(buffer, format="PNG")
+    url = "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
+    content = [{"type": "image_url", "image_url": {"url": url}}, {"type": "text", "text": "Paris is"}]
+    with running(create_app([model], model_id="vlm")) as base:
+        client = openai.OpenAI(base_url=base + "/v1", api_key="none", max_retries=0)
+        reply = client.chat.completions.create(model="vlm", messages=[{"role": "user", "content": content}],
+                                               max_tokens=6, temperature=0)
+        again = client.chat.completions.create(model="vlm", messages=[{"role": "user", "content": content}],
+                                               max_tokens=6, temperature=0)
+        with pytest.raises(openai.BadRequestError, match="data:image"):
+            client.chat.completions.create(model="vlm", max_tokens=2, messages=[{"role": "user", "content": [
+                {"type": "image_url", "image_url": {"url": "https://example.com/cat.png"}}]}])
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Paris is"}]}]
+    inputs = model.prepare_inputs(messages, [tiny.random_image(9).convert("RGB")])
+    expected = model.generate(**inputs, max_new_tokens=6, do_sample=False)
+    text = model.tokenizer.decode(expected[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
+    assert reply.choices[0].message.content == text == again.choices[0].message.content
+    assert reply.usage.prompt_tokens == inputs["input_ids"].shape[1]
+    with running(create_app([tiny_llama_et], model_id="text")) as base:
+        client = openai.OpenAI(base_url=base + "/v1", api_key="none", max_retries=0)
+        with pytest.raises(openai.BadRequestError, match="text-only"):
+            client.chat.completions.create(model="text", messages=[{"role": "user", "content": content}], max_tokens=2)

@@ -13,6 +13,7 @@ values 422, a missing or wrong API key 401, an unknown model 404, a full queue 4
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import secrets
@@ -51,6 +52,7 @@ from .tool_schemas import ToolCallDelta, ToolCallOut
 from .translation import (
     FINISH_REASONS,
     chat_prompt,
+    image_prompt,
     check_supported,
     completion_prompt,
     generation_options,
@@ -278,8 +280,14 @@ def create_app(models: list, *, model_id: str, api_key: str | None = None, max_q
         check_supported(body)
         fmt, response_format = tool_plan(body, tokenizer, model_type, meta.vocab_size,
                                          eos_token_id=models[0].generation_config.eos_token_id)
-        ids = chat_prompt(tokenizer, body, model_type)
+        images = [url for m in body.messages for url in m.image_urls()]
+        if images:
+            ids, image_features = await asyncio.to_thread(image_prompt, models[0], body, images)
+        else:
+            ids, image_features = chat_prompt(tokenizer, body, model_type), None
         options = options_for(body, ids)
+        if image_features is not None:
+            options["image_features"] = image_features
         if response_format is not None:
             options["response_format"] = response_format
         cid = f"chatcmpl-{uuid.uuid4().hex}"

@@ -35,6 +35,22 @@ class TextPart(BaseModel):
     text: str
 
 
+class ImageURL(BaseModel):
+    """``image_url`` of an image part: a ``data:image/...;base64,`` URL (this server fetches nothing)."""
+
+    model_config = ConfigDict(extra="forbid")
+    url: str
+    detail: Literal["auto", "low", "high"] | None = None
+
+
+class ImagePart(BaseModel):
+    """An image part of a user message's content (image-text-to-text models only)."""
+
+    model_config = ConfigDict(extra="forbid")
+    type: Literal["image_url"]
+    image_url: ImageURL
+
+
 class ChatMessage(BaseModel):
     """One message of a conversation. ``developer`` is OpenAI's newer name for ``system`` and is
     rendered as a system message by the chat template; ``tool`` carries a tool's result. ``name``
@@ -42,7 +58,7 @@ class ChatMessage(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
     role: Literal["system", "developer", "user", "assistant", "tool"]
-    content: str | list[TextPart] | None = None
+    content: str | list[TextPart | ImagePart] | None = None
     tool_calls: list[ToolCallParam] | None = None
     tool_call_id: str | None = None
     name: str | None = None
@@ -65,11 +81,20 @@ class ChatMessage(BaseModel):
         """The content as one string (text parts joined; empty when there is none)."""
         if self.content is None:
             return ""
-        return self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
+        return self.content if isinstance(self.content, str) else "".join(
+            p.text for p in self.content if isinstance(p, TextPart))
+
+    def image_urls(self) -> list[str]:
+        """The URLs of the content's image parts, in order."""
+        return [] if isinstance(self.content, (str, type(None))) else [
+            p.image_url.url for p in self.content if isinstance(p, ImagePart)]
 
     def as_dict(self) -> dict:
         """The message as the chat template (and :func:`et_transformers.tools.render`) takes it."""
         out = {"role": "system" if self.role == "developer" else self.role, "content": self.text()}
+        if self.image_urls():  # the processor's chat template places each image where its part is
+            out["content"] = [{"type": "image"} if isinstance(p, ImagePart) else {"type": "text", "text": p.text}
+                              for p in self.content]
         if self.tool_calls:
             out["tool_calls"] = [c.model_dump() for c in self.tool_calls]
             out["content"] = self.text() or None

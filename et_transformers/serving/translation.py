@@ -18,7 +18,7 @@ import torch
 from transformers.generation.logits_process import LogitsProcessor
 
 from .. import tools as tool_calls
-from ..errors import ConstraintError
+from ..errors import ConstraintError, ETTransformersError
 from .schemas import (
     UNSUPPORTED_REASONS,
     APIError,
@@ -93,6 +93,55 @@ def chat_prompt(tokenizer, request: ChatCompletionRequest, model_type: str | Non
         return tool_calls.render(tokenizer, messages, tools, model_type=model_type)
     except ConstraintError as e:
         raise APIError(400, str(e), param="tools") from e
+
+
+def decode_image(url: str, index: int):
+    """The PIL image of a ``data:image/...;base64,`` URL.
+
+    Raises:
+        APIError: another kind of URL (this server fetches nothing), or data that is no image (400).
+    """
+    import base64
+    import binascii
+    import io
+
+    from PIL import Image, UnidentifiedImageError
+
+    param = f"messages[].content[].image_url (image {index})"
+    head, sep, data = url.partition(",")
+    if not (url.startswith("data:image/") and sep and head.endswith(";base64")):
+        raise APIError(400, f"image {index} is not a data:image/...;base64, URL ({url[:40]!r}...): this server fetches "
+                            f"no URLs; send the image's bytes inline, base64-encoded.", param=param,
+                       code="invalid_image_url")
+    try:
+        with Image.open(io.BytesIO(base64.b64decode(data, validate=True))) as image:
+            return image.convert("RGB")
+    except (binascii.Error, UnidentifiedImageError, OSError) as e:
+        raise APIError(400, f"image {index} could not be decoded as an image ({e}).", param=param,
+                       code="invalid_image") from e
+
+
+def image_prompt(model, request: ChatCompletionRequest, urls: list[str]):
+    """``(token ids, image features)`` of a chat whose messages show images: the messages through the
+    model's processor, the images through its vision encoder.
+
+    Raises:
+        APIError: the model takes no images, tools with images, a bad image, or inputs the model
+            refuses (its ValueError, 400).
+    """
+    if not hasattr(model, "prepare_inputs"):
+        raise APIError(400, "This model is text-only: it takes no image_url content parts.", param="messages",
+                       code="images_not_supported")
+    if request.tools or any(m.role == "tool" or m.tool_calls for m in request.messages):
+        raise APIError(400, "Tools and images in one request are not supported yet.", param="tools")
+    images = [decode_image(url, i) for i, url in enumerate(urls)]
+    messages = [m.as_dict() for m in request.messages]
+    try:
+        encoded = model.prepare_inputs(messages, images)
+        ids = encoded.pop("input_ids")
+        return ids[0].tolist(), model.image_features(ids, **encoded)
+    except (ValueError, ETTransformersError) as e:
+        raise APIError(400, str(e), param="messages") from e
 
 
 def tool_plan(request: ChatCompletionRequest, tokenizer, model_type: str | None, vocab_size: int, eos_token_id=None):
