@@ -82,6 +82,10 @@ class VisionEncoder(nn.Module):
             self.register_buffer("position_ids", _tile_position_ids(self.tower.embeddings, image_shape), persistent=False)
         else:  # llava, gemma3
             self.tower, self.projector = base.vision_tower, base.multi_modal_projector
+        # Eager attention (matmul, softmax, matmul): XNNPACK takes all of it, where SDPA's export
+        # leaves its mask handling (eq / any / where per layer) to portable kernels; measured on a
+        # 6-layer SigLIP at 1024 patches, 399 vs 893 ms per image, the same features.
+        self.tower.config._attn_implementation = "eager"
         if self.kind == "llava":
             self.feature_layer = config.vision_feature_layer
             self.select = config.vision_feature_select_strategy
