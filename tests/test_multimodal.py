@@ -58,6 +58,12 @@ def test_fp32_program_generates_transformers_tokens(kind, vlm_dirs, vlm_models):
     assert set(model.program.method_names) >= {"vision_encoder", "token_embedding", "text_decoder"}
     assert model.program.image_shape == (1, 3, tiny.IMAGE_SIDE, tiny.IMAGE_SIDE)
     assert model.program.tokens_per_image == tiny.VLM_TOKENS_PER_IMAGE[kind]
+    positions, features = model.image_features(inputs["input_ids"], inputs["pixel_values"])
+    assert features.abs().mean() > 0.01  # the image reaches the decoder (not a zero projection)
+    other = dict(inputs, pixel_values=-inputs["pixel_values"])
+    with torch.no_grad():
+        expected = _eager(folder).generate(**other, max_new_tokens=NEW, do_sample=False)
+    assert model.generate(**other, max_new_tokens=NEW, do_sample=False).tolist() == expected.tolist()
 
 
 def test_the_image_decides_the_answer(vlm_dirs, vlm_models):

@@ -409,6 +409,9 @@ def make_vlm_dir(kind: str, folder: Path, seed: int = 0) -> Path:
             "idefics3": "Idefics3ForConditionalGeneration", "gemma3": "Gemma3ForConditionalGeneration"}[kind]
     torch.manual_seed(seed)
     model = getattr(transformers, arch)(config).eval()
+    if kind == "gemma3":  # its projection starts at zero: every image would give zero features
+        with torch.no_grad():
+            model.model.multi_modal_projector.mm_input_projection_weight.normal_(0, 0.2)
     model.save_pretrained(folder)
     tok = make_vlm_tokenizer()
     processor = vlm_processor(kind, tok)
