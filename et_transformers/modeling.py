@@ -622,6 +622,9 @@ class ETModelForCausalLM:
                 call rounds differently; sampling: the same distribution), and ``stats`` counts drafted and
                 accepted tokens. One prompt at a time; at most ``verify_tokens - 1`` drafted
                 tokens per step (see ``ExportConfig``).
+                Images (``ETModelForImageTextToText`` only; a text model refuses them by name): the
+                processor's ``pixel_values``, ``pixel_attention_mask``, ``image_sizes`` and
+                ``token_type_ids``, with ``input_ids`` of one prompt holding the image tokens.
                 Structured output: ``response_format=`` a JSON schema (dict or pydantic model
                 class), or ``{"type": "json_schema" | "json_object" | "regex" | "choice" |
                 "grammar", ...}`` (see :func:`et_transformers.constraints.grammar_for`): every
@@ -647,7 +650,7 @@ class ETModelForCausalLM:
                 whose text the vocabulary cannot spell; also raised while generating if a grammar
                 reaches a state no token of the vocabulary can continue.
         """
-        self._refuse_images(kwargs)
+        kwargs = self._image_inputs(kwargs, input_ids, attention_mask)
         tokenizer = kwargs.pop("tokenizer", None)
         if tokenizer is None and kwargs.get("stop_strings") is not None:
             self.require_tokenizer("stop_strings")  # raises, naming the model and the fix, when it has none
@@ -665,8 +668,10 @@ class ETModelForCausalLM:
         self._keep_stats(stats)
         return out
 
-    def _refuse_images(self, kwargs: dict) -> None:
-        """A text model given image inputs says so, rather than calling them unknown keywords."""
+    def _image_inputs(self, kwargs: dict, input_ids, attention_mask) -> dict:
+        """``kwargs`` of a generate call without its image inputs, which the generation loop takes as
+        ``image_features`` (see ``ETModelForImageTextToText``); a text model given images says so,
+        rather than calling them unknown keywords."""
         given = [k for k in self._IMAGE_KEYWORDS if kwargs.get(k) is not None]
         if given:
             raise ValueError(
@@ -676,6 +681,7 @@ class ETModelForCausalLM:
             )
         for k in self._IMAGE_KEYWORDS:
             kwargs.pop(k, None)
+        return kwargs
 
     def _keep_stats(self, stats: GenerationStats) -> None:
         """Make ``stats`` the model's, keeping the load figures."""
@@ -726,7 +732,7 @@ class ETModelForCausalLM:
             ValueError: as :meth:`generate`, a batch of more than one prompt, or a bad
                 ``top_logprobs``; raised by this call, before the first record.
         """
-        self._refuse_images(kwargs)
+        kwargs = self._image_inputs(kwargs, input_ids, attention_mask)
         return stream(
             self._generator,
             self.generation_config,

@@ -15,7 +15,6 @@ from __future__ import annotations
 import hashlib
 import logging
 from collections import OrderedDict
-from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -23,7 +22,6 @@ import torch
 from .errors import ETTransformersError
 from .modeling import ETModelForCausalLM
 from .runtime import MultimodalProgram
-from .streaming import GenerationResponse
 
 __all__ = ["ETModelForImageTextToText"]
 
@@ -246,8 +244,16 @@ class ETModelForImageTextToText(ETModelForCausalLM):
             cache.popitem(last=False)
         return features
 
-    def _with_images(self, kwargs: dict, input_ids, attention_mask) -> dict:
-        """``kwargs`` with the image inputs replaced by the features the generation loop takes."""
+    def _image_inputs(self, kwargs: dict, input_ids, attention_mask) -> dict:
+        """``kwargs`` of a ``generate()`` / ``stream_generate()`` call with what the processor returns
+        (``pixel_values`` as ``[images, 3, H, W]``, or ``[1, tiles, 3, H, W]`` for SmolVLM /
+        Idefics3; ``pixel_attention_mask``, ``image_sizes``, ``token_type_ids``) replaced by the
+        ``image_features`` the generation loop takes; the images are encoded here, before the
+        generation starts. One prompt when it has images.
+
+        Raises:
+            ValueError: as :meth:`image_features`.
+        """
         pixel_values = kwargs.pop("pixel_values", None)
         pixel_attention_mask = kwargs.pop("pixel_attention_mask", None)
         token_type_ids = kwargs.pop("token_type_ids", None)
@@ -279,56 +285,6 @@ class ETModelForImageTextToText(ETModelForCausalLM):
             if features is not None:
                 kwargs["image_features"] = features
         return kwargs
-
-    # -- generation -----------------------------------------------------------------------------
-
-    def generate(
-        self,
-        input_ids: torch.Tensor | None = None,
-        attention_mask: torch.Tensor | None = None,
-        generation_config=None,
-        streamer=None,
-        logits_processor=None,
-        stopping_criteria=None,
-        **kwargs: Any,
-    ) -> torch.LongTensor:
-        """Generate as :meth:`ETModelForCausalLM.generate`, from a prompt with images.
-
-        Args:
-            input_ids, attention_mask, generation_config, streamer, logits_processor,
-                stopping_criteria: as for the causal LM.
-            **kwargs: its options, plus what the processor returns: ``pixel_values`` (``[images, 3,
-                H, W]``, or ``[1, tiles, 3, H, W]`` for SmolVLM / Idefics3), ``pixel_attention_mask``,
-                ``image_sizes`` and ``token_type_ids`` (accepted: see the class notes on Gemma 3).
-                One prompt when it has images.
-
-        Raises:
-            ValueError: as :meth:`image_features`, and as the causal LM's ``generate``.
-        """
-        kwargs = self._with_images(kwargs, input_ids, attention_mask)
-        return super().generate(
-            input_ids, attention_mask, generation_config, streamer, logits_processor, stopping_criteria, **kwargs
-        )
-
-    def stream_generate(
-        self,
-        input_ids: torch.Tensor | None = None,
-        attention_mask: torch.Tensor | None = None,
-        generation_config=None,
-        logits_processor=None,
-        stopping_criteria=None,
-        *,
-        logprobs: bool = True,
-        top_logprobs: int = 0,
-        **kwargs: Any,
-    ) -> Iterator[GenerationResponse]:
-        """Stream as :meth:`ETModelForCausalLM.stream_generate`, from a prompt with images (the
-        images are encoded by this call, before the first record)."""
-        kwargs = self._with_images(kwargs, input_ids, attention_mask)
-        return super().stream_generate(
-            input_ids, attention_mask, generation_config, logits_processor, stopping_criteria,
-            logprobs=logprobs, top_logprobs=top_logprobs, **kwargs,
-        )
 
     def warmup(self) -> None:
         """Run one token and one blank image through the program, so XNNPACK packs every method's

@@ -223,6 +223,8 @@ class Program:
     DECODER = "forward"
     #: Methods the program must have.
     REQUIRED_METHODS: tuple[str, ...] = ("forward",)
+    #: Whether ``forward(..., image_features=)`` may replace embeddings by image features.
+    TAKES_IMAGES = False
 
     def __init__(self, path: str | os.PathLike, *, enable_etdump: bool = False):
         self.path = Path(path)
@@ -331,7 +333,7 @@ class Program:
 
     def _run(self, input_ids: torch.Tensor, start_pos: int, image_features=None) -> torch.Tensor:
         self._check(input_ids, start_pos)
-        if image_features is not None and not isinstance(self, MultimodalProgram):
+        if image_features is not None and not self.TAKES_IMAGES:
             raise ValueError(f"{self.path.name} is a text-only program: it takes no images.")
         n = input_ids.shape[-1]
         positions = torch.arange(start_pos, start_pos + n, dtype=torch.long)
@@ -472,6 +474,7 @@ class MultimodalProgram(Program):
 
     DECODER = "text_decoder"
     REQUIRED_METHODS = ("vision_encoder", "token_embedding", "text_decoder")
+    TAKES_IMAGES = True
 
     def __init__(self, path: str | os.PathLike, *, enable_etdump: bool = False):
         super().__init__(path, enable_etdump=enable_etdump)

@@ -26,7 +26,7 @@ from torch import nn
 from ..architectures import VisionArchitecture, check_config, resolve_vision_architecture
 from ..errors import InvalidConfigError, ModelNotFoundError
 from ..hub import ModelSource
-from .loading import LoadedModel, load_config
+from .loading import LoadedModel
 from .pipeline import Exporter
 from .wrapper import ExportableCausalLM
 
@@ -165,13 +165,11 @@ def load_vision_model(source: ModelSource, *, trust_remote_code: bool = False, m
     import transformers
     from transformers import AutoConfig, AutoTokenizer
 
-    raw_type = None
     try:
-        raw_type = AutoConfig.from_pretrained(source.path, trust_remote_code=trust_remote_code)
+        config = AutoConfig.from_pretrained(source.path, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as e:
         raise ModelNotFoundError(f"cannot read the config of {source.name}: {e}") from e
-    arch = resolve_vision_architecture(raw_type)
-    config = raw_type
+    arch = resolve_vision_architecture(config)
     text_arch = check_config(config.get_text_config(), max_seq_len)
     try:
         model = getattr(transformers, arch.model_class).from_pretrained(
