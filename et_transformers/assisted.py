@@ -4,7 +4,7 @@ A proposer returns up to ``limit`` tokens that likely follow the ids so far; the
 runs them through the target program in one call (its ``forward`` returns the logits of its last
 ``verify_tokens`` positions) and keeps the drafted tokens the target chooses itself, one step
 at a time: greedy output is plain greedy output (token for token on float32 programs and on
-``q4_0`` programs, whose kernels compute each row alike in one- and multi-row calls; an XNNPACK
+``q4_0`` and ``8da4w_own`` programs, whose kernels compute each row alike in one- and multi-row calls; an XNNPACK
 quantized program's multi-row call can round a near tie the other way), and sampled output
 follows the target's distribution (prompt lookup keeps a drafted token when the target's own
 sample equals it; a sampled draft model by the rule below).

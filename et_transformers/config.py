@@ -70,11 +70,13 @@ OPENVINO_COMPRESSIONS: tuple[tuple[str, str, str], ...] = (("4w", "8w", "8w"), (
 #: Linear-layer quantization schemes: 8-bit dynamic activations with 4- or 8-bit weights, or weight-only
 #: (ExecuTorch's kernels), or ``"q4_0"``: int4 weights in groups of 32 times int8 activations per block
 #: of 32, run by our own kernel (:mod:`et_transformers.kernels`; float32 programs only, and a program
-#: with it runs only where that kernel library is loaded, i.e. through this package).
-QLINEAR_SCHEMES: tuple[str, ...] = ("8da4w", "8da8w", "4w", "8w", "q4_0")
+#: with it runs only where that kernel library is loaded, i.e. through this package), or
+#: ``"8da4w_own"``: ``8da4w`` (the same torchao weights in groups of 32 and per-token int8
+#: activations) run by our own kernel instead of XNNPACK's, on the same terms as ``q4_0``.
+QLINEAR_SCHEMES: tuple[str, ...] = ("8da4w", "8da8w", "4w", "8w", "q4_0", "8da4w_own")
 
 #: Schemes run by our own kernels rather than ExecuTorch's (their programs need our kernel library).
-OWN_KERNEL_SCHEMES: tuple[str, ...] = ("q4_0",)
+OWN_KERNEL_SCHEMES: tuple[str, ...] = ("q4_0", "8da4w_own")
 
 #: How the output head (``lm_head``, often tied to the embedding) is quantized: like the other linear
 #: layers (``"same"``), left in float (``None``), or with its own scheme (8-bit schemes per channel,
@@ -311,8 +313,9 @@ def _check_backend_support(cfg: "ExportConfig") -> None:
     own = [f for f, v in (("qlinear", scheme), ("qhead", cfg.head_scheme)) if v in OWN_KERNEL_SCHEMES]
     if own and cfg.dtype != "float32":
         raise InvalidConfigError(
-            f"{own[0]}='q4_0' needs dtype='float32' (its kernel takes float32 activations; the weights are "
-            f"4-bit either way), got dtype={cfg.dtype!r}; use dtype='float32' or {own[0]}='8da4w'."
+            f"{own[0]}={(scheme if own[0] == 'qlinear' else cfg.head_scheme)!r} needs dtype='float32' (its kernel "
+            f"takes float32 activations; the weights are 4-bit either way), got dtype={cfg.dtype!r}; use "
+            f"dtype='float32' or {own[0]}='8da4w'."
         )
     if any(b in SINGLE_TOKEN_BACKENDS for b in cfg.backends):
         _check_single_token(cfg)
@@ -339,7 +342,7 @@ def _check_backend_support(cfg: "ExportConfig") -> None:
                 f"{XNNPACK_GROUP_MULTIPLE}, 64, 128 or 256, or None (one scale per output channel)."
             )
         head = cfg.head_scheme
-        eight = "8da8w" if cfg.qlinear_8bit and scheme in ("8da4w", "q4_0") else None
+        eight = "8da8w" if cfg.qlinear_8bit and scheme in ("8da4w", "q4_0", "8da4w_own") else None
         for field, value in (("qlinear", scheme), ("qhead", head), ("qlinear_8bit", eight)):
             if value == "8da8w" and cfg.dtype == "bfloat16":
                 raise InvalidConfigError(
@@ -453,9 +456,9 @@ class ExportConfig:
                 f"('*.mlp.down_proj',)."
             )
         object.__setattr__(self, "qlinear_8bit", tuple(patterns))
-        if patterns and self.qlinear not in ("8da4w", "4w", "q4_0"):
+        if patterns and self.qlinear not in ("8da4w", "4w", "q4_0", "8da4w_own"):
             raise InvalidConfigError(
-                f"qlinear_8bit={tuple(patterns)!r} needs a 4-bit qlinear ('8da4w', '4w' or 'q4_0') to differ from; "
+                f"qlinear_8bit={tuple(patterns)!r} needs a 4-bit qlinear ('8da4w', '4w', 'q4_0' or '8da4w_own') to differ from; "
                 f"qlinear is {self.qlinear!r}."
             )
         if self.qhead not in (AUTO, *QHEAD_CHOICES):
@@ -652,6 +655,9 @@ RECIPES: dict[str, dict[str, Any]] = {
     # linear, the head too, in q4_0; the -head8 variant keeps an 8-bit head (better quality, slower)
     "xnnpack-q4_0": {"qlinear": "q4_0", "qembedding": "8w"},
     "xnnpack-q4_0-head8": {"qlinear": "q4_0", "qhead": "8da8w", "qembedding": "8w"},
+    # xnnpack-8da4w-pure's numerics (the peer's scheme: 8da4w in groups of 32 everywhere, 8-bit
+    # embeddings) with every linear on our kernel instead of XNNPACK's
+    "xnnpack-8da4w-own": {"qlinear": "8da4w_own", "qembedding": "8w"},
     "portable-fp32": {"backend": "portable"},
     # OpenVINO (pip install "et-transformers[openvino]"): one token per call; attention and the KV
     # cache stay on ExecuTorch's kernels between OpenVINO subgraphs (see export/backends.py)

@@ -75,7 +75,7 @@ def load_own_kernels(path: str | os.PathLike) -> None:
         kernels.load()
     except kernels.KernelBuildError as e:
         raise ProgramError(
-            f"{path} uses et_transformers' own kernels ({', '.join(kernels.OPERATORS)}: the 'q4_0' scheme), "
+            f"{path} uses et_transformers' own kernels ({', '.join(kernels.OPERATORS)}: the 'q4_0' and '8da4w_own' schemes), "
             f"which could not be loaded here: {e}"
         ) from e
 
@@ -273,10 +273,11 @@ class Program:
 
         name = "get_et_transformers_kernels_abi"
         built_for = int(self._constant(name)) if name in self.method_names else 1  # before it was recorded
-        if built_for != kernels.ABI:
+        if built_for not in kernels.COMPATIBLE_ABIS:
             raise ProgramError(
                 f"{self.path} was built for version {built_for} of et_transformers' kernels, and this "
-                f"installation's are version {kernels.ABI} (another weight layout): export it again "
+                f"installation's run versions {list(kernels.COMPATIBLE_ABIS)} (another weight layout or "
+                f"operators): export it again "
                 f"(from_pretrained(..., force_export=True), or a new cache folder)."
             )
 

@@ -94,23 +94,14 @@ def test_fp32_greedy_matches_eager_transformers(tiny_llama_export, tiny_llama_mo
 
 
 def test_cpp_text_llm_runner_generates_the_same_tokens(tiny_llama_export, tiny_llama_model):
-    from executorch.extension.llm.runner import GenerationConfig, TextLLMRunner
-
-    from et_transformers.runtime import load_kernel_libraries
-
-    load_kernel_libraries()
-    out = tiny_llama_export.output_dir
     tok = tiny.make_tokenizer()
     prompt = "Paris is the capital of"
-    runner = TextLLMRunner(str(out / "model.pte"), str(out / "tokenizer.json"))
-    pieces: list[str] = []
-    runner.generate(prompt, GenerationConfig(max_new_tokens=24, temperature=0.0, echo=False), pieces.append)
+    text = tiny.cpp_runner_text(tiny_llama_export.output_dir, prompt, 24)
     ids = tok(prompt, return_tensors="pt").input_ids
     with torch.no_grad():
         expected = tiny_llama_model.generate(ids, max_new_tokens=24, do_sample=False)
-    new = expected[0, ids.shape[1]:]
     # The runner stops at EOS after emitting it; compare the text of the same tokens.
-    assert "".join(pieces) == tok.decode(new)
+    assert text == tok.decode(expected[0, ids.shape[1]:])
 
 
 def test_manifest_records_config_source_hash_and_versions(tiny_llama_export, tiny_llama_dir):

@@ -50,10 +50,15 @@ def linear_program(tmp_path_factory):
                 qweight, scales = ops.pack_q4(*_weights(n, k, seed))
                 self.register_buffer(f"{name}_w", qweight)
                 self.register_buffer(f"{name}_s", scales)
+                self.register_buffer(f"{name}_c", ops.weight_sums(qweight, scales))
 
         def forward(self, x):
             y = torch.ops.et_transformers.q4_linear(x, self.a_w, self.a_s)
-            return y, torch.ops.et_transformers.q4_linear(torch.relu(y[..., :192]), self.b_w, self.b_s)
+            per_token = torch.ops.et_transformers.q4_linear_per_token
+            t = per_token(x, self.a_w, self.a_s, self.a_c)
+            # relu: non-negative rows, whose zero points sit at -128 (the zero point's term at its largest)
+            return (y, torch.ops.et_transformers.q4_linear(torch.relu(y[..., :192]), self.b_w, self.b_s),
+                    t, per_token(torch.relu(t[..., :192]), self.b_w, self.b_s, self.b_c))
 
     module = TwoLinears().eval()
     example = (torch.randn(1, 4, 96),)
@@ -80,10 +85,32 @@ def test_kernel_equals_reference_bit_for_bit(linear_program, rows):
     for g, e in zip(got, expected):
         assert torch.equal(g, e), float((g - e).abs().max())
     if rows > 1:
-        assert not torch.signbit(got[0][0, 1]).any() and not got[0][0, 1].any()
+        for out in (got[0], got[2]):
+            assert not torch.signbit(out[0, 1]).any() and not out[0, 1].any()
     # each row is computed as it would be alone
-    alone = runtime.forward((x[:, -1:].contiguous(),))[0]
-    assert torch.equal(alone[0, 0], got[0][0, -1])
+    alone = runtime.forward((x[:, -1:].contiguous(),))
+    assert torch.equal(alone[0][0, 0], got[0][0, -1]) and torch.equal(alone[2][0, 0], got[2][0, -1])
+
+
+def test_per_token_kernel_is_the_8da4w_linear(linear_program):
+    """``q4_linear_per_token`` is XNNPACK's 8da4w arithmetic: int8 activations from
+    ``quantized_decomposed``'s per-token ops (the same values), times the int4 weights, to float
+    rounding; ``q4_linear`` on the same weights (per-block activations) is another result."""
+    _, module, _ = linear_program
+    qd = torch.ops.quantized_decomposed
+    g = torch.Generator().manual_seed(3)
+    x = torch.cat([torch.randn(6, 96, generator=g) * 4, torch.rand(2, 96, generator=g) + 0.5])  # mixed-sign and positive rows
+    qdata, wscale = ops.unpack_q4(module.a_w, module.a_s)
+    weight = (qdata.float().view(200, 3, 32) * wscale.float().unsqueeze(-1)).view(200, 96)
+    scale, zero = qd.choose_qparams_per_token_asymmetric(x, torch.int8)
+    xq = qd.dequantize_per_token(qd.quantize_per_token(x, scale, zero, -128, 127, torch.int8), scale, zero,
+                                 -128, 127, torch.int8, torch.float32)
+    expected = xq @ weight.T
+    got = torch.ops.et_transformers.q4_linear_per_token(x, module.a_w, module.a_s, module.a_c)
+    torch.testing.assert_close(got, expected, atol=2e-5, rtol=1e-5)
+    assert (zero.view(-1)[6:] == -128).all()  # the positive rows exercise the zero point's term
+    per_block = torch.ops.et_transformers.q4_linear(x, module.a_w, module.a_s)
+    assert (per_block - expected).abs().max() > 1e-3
 
 
 def test_avx2_paths_pass_the_kernel_tests():
@@ -119,7 +146,7 @@ def test_unloadable_kernels_raise_a_clear_error(linear_program, monkeypatch):
         raise kernels.KernelBuildError("no C++ compiler found (install g++ or set CXX)")
 
     monkeypatch.setattr(kernels, "load", fail)
-    with pytest.raises(ProgramError, match=r"q4_linear.*q4_0.*no C\+\+ compiler"):
+    with pytest.raises(ProgramError, match=r"q4_linear.*q4_0.*8da4w_own.*no C\+\+ compiler"):
         Program(linear_program[2])
 
 
@@ -184,8 +211,9 @@ def test_q4_scales_are_searched_against_the_inputs():
 def test_a_program_built_for_other_kernels_is_refused(q4_export, monkeypatch):
     from et_transformers import kernels
 
-    monkeypatch.setattr(kernels, "ABI", kernels.ABI + 1)
-    with pytest.raises(ProgramError, match=rf"built for version {kernels.ABI - 1} .* are version {kernels.ABI} .*export it again"):
+    built_for = kernels.ABI
+    monkeypatch.setattr(kernels, "COMPATIBLE_ABIS", (built_for + 1,))
+    with pytest.raises(ProgramError, match=rf"built for version {built_for} .* run versions \[{built_for + 1}\] .*export it again"):
         Program(q4_export.pte)
 
 
@@ -304,3 +332,61 @@ def test_layer_kernels_match_their_references(layer_ops_program, rows):
                                            for t in (x, w, q, angles.cos(), angles.sin(), gate, up)))
     for a, b in zip(last, got):
         assert torch.equal(a[0, 0], b[0, -1])
+
+
+@pytest.fixture(scope="module")
+def own_8da4w_model(tiny_llama_dir, tmp_path_factory):
+    """The tiny Llama exported with ``xnnpack-8da4w-own`` (the peer's scheme on our kernels)."""
+    from et_transformers import ETModelForCausalLM
+
+    return ETModelForCausalLM.from_pretrained(tiny_llama_dir, recipe="xnnpack-8da4w-own", max_seq_len=64,
+                                              cache_dir=tmp_path_factory.mktemp("own-8da4w"), warmup=False)
+
+
+def test_8da4w_own_is_8da4w_on_our_kernel(own_8da4w_model, tiny_llama_model):
+    """The same torchao weights as XNNPACK's ``8da4w`` in groups of 32 (scales as float16), the head
+    too; every linear runs ``q4_linear_per_token`` (q/k/v and gate/up fused), nothing on XNNPACK; the
+    logits are the eager 8da4w model's (its scales rounded to float16 as ours are) to float rounding
+    and the greedy tokens the same."""
+    from executorch.exir._serialize import _deserialize_pte_binary
+
+    own = copy.deepcopy(tiny_llama_model)
+    quantize_model(own, ExportConfig(qlinear="8da4w_own", qembedding="8w"))
+    xnn = copy.deepcopy(tiny_llama_model)
+    quantize_model(xnn, ExportConfig(qlinear="8da4w", qlinear_group_size=32, qembedding="8w"))
+    for name, module in xnn.named_modules():
+        if isinstance(module, QuantizedLinear):
+            mine = own.get_submodule(name)
+            if isinstance(mine, Q4LinearSlice):
+                fused = mine._fused[0]
+                qdata, scale = ops.unpack_q4(fused.qweight, fused.scales)
+                qdata, scale = qdata[mine.start : mine.stop], scale[mine.start : mine.stop]
+            else:
+                qdata, scale = ops.unpack_q4(mine.qweight, mine.scales)
+            assert torch.equal(qdata, module.qdata), name
+            assert torch.equal(scale, module.scale.half()), name
+    assert isinstance(own.lm_head, Q4Linear) and own.lm_head.scheme == "8da4w_own"
+    program = _deserialize_pte_binary(own_8da4w_model.pte_path.read_bytes()).program
+    operators = {f"{op.name}.{op.overload}" for op in program.execution_plan[0].operators}
+    assert "et_transformers::q4_linear_per_token.out" in operators and "et_transformers::q4_linear.out" not in operators
+    assert not program.execution_plan[0].delegates
+    for module in xnn.modules():  # our layout keeps the scales as float16 (XNNPACK's as bfloat16)
+        if isinstance(module, QuantizedLinear):
+            module.scale.data = module.scale.half().float()
+    with torch.no_grad():
+        expected = xnn(PROMPT).logits[:, -1]
+    got = own_8da4w_model.program.forward(PROMPT, 0)
+    torch.testing.assert_close(got, expected, atol=1e-4, rtol=0)
+    with torch.no_grad():
+        plain = xnn.generate(PROMPT, max_new_tokens=24, do_sample=False, eos_token_id=None)
+    ours = own_8da4w_model.generate(PROMPT, max_new_tokens=24, do_sample=False, eos_token_id=None)
+    assert torch.equal(ours, plain)
+
+
+def test_cpp_runner_runs_an_8da4w_own_program_as_generate_does(own_8da4w_model):
+    tok = tiny.make_tokenizer()
+    prompt = "Paris is the capital of"
+    text = tiny.cpp_runner_text(own_8da4w_model.pte_path.parent, prompt, 24)
+    ids = tok(prompt, return_tensors="pt").input_ids
+    ours = own_8da4w_model.generate(ids, max_new_tokens=24, do_sample=False)
+    assert text == tok.decode(ours[0, ids.shape[1]:])

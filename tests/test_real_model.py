@@ -9,6 +9,7 @@ import time
 import pytest
 import torch
 
+import tiny
 from conftest import ROOT, run_python
 from et_transformers import ETModelForCausalLM
 from et_transformers.config import DEFAULT_RECIPE, recipe
@@ -105,20 +106,12 @@ print(json.dumps({{"seconds": seconds, "exported": m.stats.export_time is not No
 
 
 def test_cpp_runner_generates_the_same_greedy_tokens(demo_model):
-    from executorch.extension.llm.runner import GenerationConfig, TextLLMRunner
-
-    from et_transformers.runtime import load_kernel_libraries
-
-    load_kernel_libraries()
-    folder = demo_model.pte_path.parent
     tok = demo_model.tokenizer
     prompt = "The capital of France is"
-    runner = TextLLMRunner(str(folder / "model.pte"), str(folder / "tokenizer.json"))
-    pieces: list[str] = []
-    runner.generate(prompt, GenerationConfig(max_new_tokens=20, temperature=0.0, echo=False), pieces.append)
+    text = tiny.cpp_runner_text(demo_model.pte_path.parent, prompt, 20)
     ids = tok(prompt, return_tensors="pt").input_ids
     out = demo_model.generate(ids, max_new_tokens=20, do_sample=False)
-    assert "".join(pieces) == tok.decode(out[0, ids.shape[1]:])
+    assert text == tok.decode(out[0, ids.shape[1]:])
 
 
 def test_prompt_lookup_on_the_default_program_is_plain_greedy_token_for_token(demo_model):

@@ -279,6 +279,22 @@ FAMILY_CASES = {
 }
 
 
+def cpp_runner_text(folder: str | Path, prompt: str, max_new_tokens: int) -> str:
+    """What ExecuTorch's C++ ``TextLLMRunner`` writes for ``prompt`` (greedy) from the program and
+    tokenizer in ``folder``, with our kernel libraries loaded (as for any program of ours)."""
+    from executorch.extension.llm.runner import GenerationConfig, TextLLMRunner
+
+    from et_transformers.runtime import load_kernel_libraries, load_own_kernels
+
+    folder = Path(folder)
+    load_kernel_libraries()
+    load_own_kernels(folder / "model.pte")
+    runner = TextLLMRunner(str(folder / "model.pte"), str(folder / "tokenizer.json"))
+    pieces: list[str] = []
+    runner.generate(prompt, GenerationConfig(max_new_tokens=max_new_tokens, temperature=0.0, echo=False), pieces.append)
+    return "".join(pieces)
+
+
 def make_model(config, seed: int = 0):
     """A random-weight ``*ForCausalLM`` for ``config`` (deterministic for a seed)."""
     from transformers import AutoModelForCausalLM

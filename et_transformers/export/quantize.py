@@ -17,6 +17,9 @@ kernels consume directly:
   weights in groups of 32 with float16 scales, activations quantized to int8 per block of 32
   inside the kernel (llama.cpp's Q4_0 x Q8_0 arithmetic); a layer whose shape the kernel's layout
   cannot hold (out features not a multiple of 8, in features not of 32) gets ``8da8w`` instead;
+* ``8da4w_own``: ``8da4w``'s weights (torchao's, group 32) and activations (per-token asymmetric
+  int8) run by our ``et_transformers::q4_linear_per_token`` kernel in ``q4_0``'s weight layout
+  (scales stored as float16); a layer the layout cannot hold gets XNNPACK's ``8da4w``;
 * embeddings: ``embedding_byte`` / ``embedding_4bit`` lookups.
 
 We use this vocabulary rather than torchao's tensor subclasses in the graph because the subclasses'
@@ -56,8 +59,9 @@ LINEAR_SCHEMES: dict[str, tuple[int, bool]] = {
     "4w": (4, False),
     "8w": (8, False),
     "q4_0": (4, True),
+    "8da4w_own": (4, True),
 }
-#: Fixed group size of the ``q4_0`` scheme (its kernel's block).
+#: Fixed group size of the ``q4_0`` and ``8da4w_own`` schemes (their kernel's block).
 Q4_GROUP_SIZE = 32
 #: scheme -> weight bits
 EMBEDDING_SCHEMES: dict[str, int] = {"4w": 4, "8w": 8}
@@ -171,30 +175,46 @@ class QuantizedLinear(nn.Module):
         return F.linear(x, self.dequantized_weight(x.dtype), bias)
 
 
+def _q4_call(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, weight_sums: torch.Tensor | None):
+    """Our kernel on ``x``: ``q4_linear`` (``q4_0``), or with ``weight_sums`` ``q4_linear_per_token`` (``8da4w_own``)."""
+    if weight_sums is None:
+        return torch.ops.et_transformers.q4_linear(x, qweight, scales)
+    return torch.ops.et_transformers.q4_linear_per_token(x, qweight, scales, weight_sums)
+
+
 class Q4Linear(nn.Module):
-    """A linear layer run by our ``et_transformers::q4_linear`` kernel (the ``q4_0`` scheme).
+    """A linear layer run by our kernels: ``et_transformers::q4_linear`` (the ``q4_0`` scheme), or with
+    ``weight_sums`` ``et_transformers::q4_linear_per_token`` (the ``8da4w_own`` scheme).
 
     Args:
         qweight: packed int4 values, uint8 ``[out/8, in/32, 128]`` (:func:`~et_transformers.kernels.ops.pack_q4`).
         scales: float16 ``[out/8, in/32, 8]``.
         bias: optional float bias, added after the kernel.
+        weight_sums: float32 ``[out]`` (:func:`~et_transformers.kernels.ops.weight_sums`) for
+            per-token activations, or ``None`` for ``q4_0``'s per-block ones.
     """
 
-    def __init__(self, qweight, scales, bias=None):
+    def __init__(self, qweight, scales, bias=None, weight_sums=None):
         super().__init__()
         from ..kernels import ops  # noqa: F401  (defines the operator)
 
         self.out_features, self.in_features = qweight.shape[0] * 8, qweight.shape[1] * 32
         self.register_buffer("qweight", qweight)
         self.register_buffer("scales", scales)
+        self.register_buffer("weight_sums", weight_sums)
         self.bias = None if bias is None else nn.Parameter(bias.detach().float(), requires_grad=False)
 
+    @property
+    def scheme(self) -> str:
+        """``"q4_0"`` or ``"8da4w_own"``."""
+        return "q4_0" if self.weight_sums is None else "8da4w_own"
+
     def extra_repr(self) -> str:
-        return f"{self.in_features}, {self.out_features}, q4_0"
+        return f"{self.in_features}, {self.out_features}, {self.scheme}"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``x @ W.T + b`` with the kernel's arithmetic (its bit-exact reference in eager)."""
-        y = torch.ops.et_transformers.q4_linear(x, self.qweight, self.scales)
+        y = _q4_call(x, self.qweight, self.scales, self.weight_sums)
         return y if self.bias is None else y + self.bias
 
 
@@ -222,18 +242,21 @@ class FusedQ4Linear(nn.Module):
         self.in_features = parts[0].in_features
         self.register_buffer("qweight", torch.cat([p.qweight for p in parts]))
         self.register_buffer("scales", torch.cat([p.scales for p in parts]))
+        per_token = parts[0].weight_sums is not None
+        self.register_buffer("weight_sums", torch.cat([p.weight_sums for p in parts]) if per_token else None)
+        self.scheme = parts[0].scheme
         biases = [p.bias if p.bias is not None else torch.zeros(p.out_features) for p in parts]
         has_bias = any(p.bias is not None for p in parts)
         self.bias = nn.Parameter(torch.cat(biases), requires_grad=False) if has_bias else None
         self._last = _LastCall()
 
     def extra_repr(self) -> str:
-        return f"{self.in_features}, {self.qweight.shape[0] * 8}, q4_0 fused"
+        return f"{self.in_features}, {self.qweight.shape[0] * 8}, {self.scheme} fused"
 
     def output(self, x: torch.Tensor) -> torch.Tensor:
         """The fused output for ``x``, computed once per input tensor."""
         if self._last.x is not x:
-            y = torch.ops.et_transformers.q4_linear(x, self.qweight, self.scales)
+            y = _q4_call(x, self.qweight, self.scales, self.weight_sums)
             self._last.x, self._last.y = x, (y if self.bias is None else y + self.bias)
         return self._last.y
 
@@ -248,7 +271,7 @@ class Q4LinearSlice(nn.Module):
         self.in_features, self.out_features = fused.in_features, stop - start
 
     def extra_repr(self) -> str:
-        return f"{self.in_features}, {self.out_features}, q4_0 columns [{self.start}, {self.stop})"
+        return f"{self.in_features}, {self.out_features}, {self._fused[0].scheme} columns [{self.start}, {self.stop})"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """This layer's columns of the fused output."""
@@ -269,7 +292,7 @@ def fuse_q4_siblings(model: nn.Module) -> int:
     for parent in list(model.modules()):
         for names in FUSABLE_SIBLINGS:
             parts = [getattr(parent, n, None) for n in names]
-            if not all(type(p) is Q4Linear for p in parts) or len({p.in_features for p in parts}) != 1:
+            if not all(type(p) is Q4Linear for p in parts) or len({(p.in_features, p.scheme) for p in parts}) != 1:
                 continue
             fused = FusedQ4Linear(parts)
             parent.add_module("".join(n.split("_")[0] for n in names) + "_fused", fused)  # qkv_fused, gateup_fused
@@ -350,6 +373,24 @@ def _q4_linear(
     return Q4Linear(qweight, scales, bias)
 
 
+def _q4_per_token_linear(name: str, module: nn.Linear, dtype: torch.dtype, fallbacks: list[str]) -> Q4Linear | None:
+    """``module`` as an ``8da4w_own`` :class:`Q4Linear`: torchao's ``8da4w`` weights in groups of 32
+    (ExecuTorch's config, as for ``8da4w``) in the kernel's layout, or ``None`` (recorded in
+    ``fallbacks``) when the layout cannot hold its shape."""
+    from executorch.extension.llm.export.quantize import _make_linear_config
+
+    from ..kernels.ops import pack_q4, packable, weight_sums
+
+    out_features, in_features = module.weight.shape
+    if not packable(out_features, in_features):
+        fallbacks.append(name)
+        return None
+    qdata, scale = _torchao_quantize(module.weight, _make_linear_config("8da4w", Q4_GROUP_SIZE), dtype)
+    qweight, scales = pack_q4(qdata, scale)
+    bias = None if module.bias is None else module.bias.to(dtype)
+    return Q4Linear(qweight, scales, bias, weight_sums(qweight, scales))
+
+
 def output_head_name(model: nn.Module) -> str | None:
     """The qualified name of the model's output head (its ``get_output_embeddings()``), if a Linear."""
     for owner in model.modules():
@@ -415,6 +456,7 @@ def quantize_model(
     linears = [(n, m) for n, m in model.named_modules() if type(m) is nn.Linear]
     head_scheme, eight_bit = None, 0
     q4_fallbacks: list[str] = []
+    own_fallbacks: list[str] = []
     for kind, targets in (("embedding", embeddings), ("linear", linears)):
         fallbacks: list[str] = []
         done = 0
@@ -435,6 +477,13 @@ def quantize_model(
                         done += 1
                         continue
                     scheme, requested = "8da8w", None
+                elif scheme == "8da4w_own":
+                    new = _q4_per_token_linear(name, module, dtype, own_fallbacks)
+                    if new is not None:
+                        _replace(model, name, new)
+                        done += 1
+                        continue
+                    scheme, requested = "8da4w", Q4_GROUP_SIZE  # the same numerics on XNNPACK
                 group = _group_size_for(name, weight.shape[1], requested, scheme, fallbacks)
                 bits, dynamic = LINEAR_SCHEMES[scheme]
                 qdata, scale = _torchao_quantize(weight, _make_linear_config(scheme, group), dtype)
@@ -464,6 +513,13 @@ def quantize_model(
             "8da8w instead: %s", len(q4_fallbacks), ", ".join(q4_fallbacks[:8]) + (" ..." if len(q4_fallbacks) > 8 else ""),
         )
         report["q4_0_fallback_8da8w"] = len(q4_fallbacks)
+    if own_fallbacks:
+        logger.info(
+            "8da4w_own: %d layer(s) have a shape the kernel's layout cannot hold (out %% 8, in %% 32); run by "
+            "XNNPACK's 8da4w instead: %s", len(own_fallbacks),
+            ", ".join(own_fallbacks[:8]) + (" ..." if len(own_fallbacks) > 8 else ""),
+        )
+        report["8da4w_own_fallback_8da4w"] = len(own_fallbacks)
     for weight in float_layer_weights(model):  # layers left in float
         if weight.is_floating_point() and weight.dtype != dtype:
             weight.data = weight.data.to(dtype)

@@ -35,6 +35,7 @@ HEADERS = ("kernel_common.h",)
 #: Operators the library registers (what a program needs it for).
 OPERATORS = (
     "et_transformers::q4_linear.out",
+    "et_transformers::q4_linear_per_token.out",
     "et_transformers::sdpa.out",
     "et_transformers::rms_norm.out",
     "et_transformers::rope.out",
@@ -43,7 +44,10 @@ OPERATORS = (
 #: Version of the operators' contract (weight layout included) the library implements; programs
 #: record the one they were built for (``get_et_transformers_kernels_abi``) and refuse to run on
 #: another. 2: q4 weights as [N/8, K/32, 128] lane-interleaved blocks; rms_norm, rope, silu_mul.
-ABI = 2
+#: 3: adds q4_linear_per_token (the same layout); a library of version 3 runs version-2 programs.
+ABI = 3
+#: Program versions this library runs (each later version only adds operators).
+COMPATIBLE_ABIS = (2, 3)
 _FLAGS = ("-O3", "-mavx2", "-mfma", "-mf16c", "-ffp-contract=off", "-std=c++17", "-fPIC", "-shared", "-DC10_USING_CUSTOM_GENERATED_MACROS",
           "-DET_EVENT_TRACER_ENABLED")  # the two definitions the wheel's libraries are built with (its cmake config)
 

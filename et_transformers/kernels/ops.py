@@ -8,6 +8,15 @@ exact integer block dots, then ``acc = acc + dot_b * (weight_scale_b * act_scale
 blocks in order, so an exported program and its eager model give the same logits. The ``.out``
 overload is the one ExecuTorch's emitter calls.
 
+``et_transformers::q4_linear_per_token(x, qweight, scales, weight_sums)`` is the same weights with
+torchao's ``8da4w`` activations (what XNNPACK's dynamically quantized linear takes): each row of
+``x`` quantized to int8 with one scale ``s`` and zero point ``z``, by ``quantized_decomposed``'s own
+``choose_qparams_per_token_asymmetric`` and ``quantize_per_token`` (the reference calls them; the
+kernel repeats their float operations), then the same exact integer block dots and
+``acc = acc + dot_b * (weight_scale_b * s)``, and last ``acc - (s * z) * weight_sums`` with
+``weight_sums`` (:func:`weight_sums`) the per-output sum of each block's scale times its int4
+values: the zero point's term. An all-zero row gives +0 in both ops.
+
 ``et_transformers::sdpa(q, k_cache, v_cache, start_pos, scale)`` is causal attention of ``q``
 ``[B, S, H, D]`` over a static cache ``[B, T, Hkv, D]`` (query ``s`` sees positions up to
 ``start_pos + s``), ``llama.custom_sdpa``'s contract without a mask; its reference is plain float32
@@ -35,6 +44,10 @@ _CHUNK_ROWS = 256
 _lib = torch.library.Library("et_transformers", "DEF")
 _lib.define("q4_linear(Tensor x, Tensor qweight, Tensor scales) -> Tensor")
 _lib.define("q4_linear.out(Tensor x, Tensor qweight, Tensor scales, *, Tensor(a!) out) -> Tensor(a!)")
+_lib.define("q4_linear_per_token(Tensor x, Tensor qweight, Tensor scales, Tensor weight_sums) -> Tensor")
+_lib.define(
+    "q4_linear_per_token.out(Tensor x, Tensor qweight, Tensor scales, Tensor weight_sums, *, Tensor(a!) out) -> Tensor(a!)"
+)
 _lib.define("sdpa(Tensor q, Tensor k_cache, Tensor v_cache, SymInt start_pos, float scale) -> Tensor")
 _lib.define(
     "sdpa.out(Tensor q, Tensor k_cache, Tensor v_cache, SymInt start_pos, float scale, *, Tensor(a!) out) -> Tensor(a!)"
@@ -96,8 +109,36 @@ def quantize_activations(x: Tensor) -> tuple[Tensor, Tensor]:
     return torch.round(blocks * inv.unsqueeze(-1)), d
 
 
-def q4_linear_reference(x: Tensor, qweight: Tensor, scales: Tensor) -> Tensor:
-    """What the C++ kernel computes, bit for bit (see the module docstring)."""
+def weight_sums(qweight: Tensor, scales: Tensor) -> Tensor:
+    """``q4_linear_per_token``'s ``weight_sums``: float32 ``[N]``, per output row the sum over its
+    blocks of the block's (float16) scale times the sum of its int4 values, summed in float64."""
+    qdata, wscale = unpack_q4(qweight, scales)
+    n, k = qdata.shape
+    block_sums = qdata.to(torch.float64).view(n, k // BLOCK, BLOCK).sum(-1)
+    return (block_sums * wscale.to(torch.float64)).sum(-1).float()
+
+
+def quantize_activations_per_token(x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """``quantized_decomposed``'s per-token asymmetric int8 of ``x`` ``[..., K]`` as rows: int8-valued
+    floats ``[M, B, 32]``, scales ``[M, B]`` (the row's scale in every block; 0 for an all-zero
+    row) and ``s * z`` per row ``[M]``."""
+    import torch.ao.quantization.fx._decomposed  # noqa: F401  (registers quantized_decomposed ops)
+
+    qd = torch.ops.quantized_decomposed
+    rows = x.reshape(-1, x.shape[-1]).float()
+    scale, zero = qd.choose_qparams_per_token_asymmetric(rows, torch.int8)
+    xq = qd.quantize_per_token(rows, scale, zero, -128, 127, torch.int8)
+    s = scale.float().view(-1)
+    zc = s * zero.float().view(-1)
+    nonzero = (rows != 0).any(dim=-1)
+    s, zc = torch.where(nonzero, s, 0.0), torch.where(nonzero, zc, 0.0)
+    nb = rows.shape[-1] // BLOCK
+    return xq.float().view(-1, nb, BLOCK), s.unsqueeze(1).expand(-1, nb), zc
+
+
+def q4_linear_reference(x: Tensor, qweight: Tensor, scales: Tensor, sums: Tensor | None = None) -> Tensor:
+    """What the C++ kernel computes, bit for bit (see the module docstring): ``q4_linear``, or with
+    ``sums`` (``weight_sums``) ``q4_linear_per_token``."""
     qdata, wscale = unpack_q4(qweight, scales)
     n, k = qdata.shape
     if x.shape[-1] != k:
@@ -105,7 +146,10 @@ def q4_linear_reference(x: Tensor, qweight: Tensor, scales: Tensor) -> Tensor:
     nb = k // BLOCK
     w = qdata.float().view(n, nb, BLOCK)
     ws = wscale.float()  # [N, B]
-    xq, xs = quantize_activations(x)
+    if sums is None:
+        xq, xs = quantize_activations(x)
+    else:
+        xq, xs, zc = quantize_activations_per_token(x)
     rows = xq.shape[0]
     out = torch.empty(rows, n, dtype=torch.float32)
     for start in range(0, rows, _CHUNK_ROWS):
@@ -114,6 +158,8 @@ def q4_linear_reference(x: Tensor, qweight: Tensor, scales: Tensor) -> Tensor:
         for b in range(nb):
             dot = part_q[:, b] @ w[:, b].T  # integers below 2**24: exact in any order
             acc = acc + dot * (ws[:, b].unsqueeze(0) * part_s[:, b].unsqueeze(1))
+        if sums is not None:
+            acc = acc - zc[start : start + _CHUNK_ROWS].unsqueeze(1) * sums.float().unsqueeze(0)
         out[start : start + part_q.shape[0]] = acc
     return out.view(*x.shape[:-1], n).to(x.dtype)
 
@@ -132,6 +178,23 @@ def _q4_linear_out(x: Tensor, qweight: Tensor, scales: Tensor, *, out: Tensor) -
 
 @torch.library.register_fake("et_transformers::q4_linear")
 def _q4_linear_fake(x: Tensor, qweight: Tensor, scales: Tensor) -> Tensor:
+    return x.new_empty((*x.shape[:-1], qweight.shape[0] * ROWS))
+
+
+@torch.library.impl(_lib, "q4_linear_per_token", "CompositeExplicitAutograd")
+def _q4_linear_per_token(x: Tensor, qweight: Tensor, scales: Tensor, weight_sums: Tensor) -> Tensor:
+    return q4_linear_reference(x, qweight, scales, weight_sums)
+
+
+@torch.library.impl(_lib, "q4_linear_per_token.out", "CompositeExplicitAutograd")
+def _q4_linear_per_token_out(x: Tensor, qweight: Tensor, scales: Tensor, weight_sums: Tensor, *, out: Tensor) -> Tensor:
+    result = q4_linear_reference(x, qweight, scales, weight_sums)
+    out.resize_(result.shape)
+    return out.copy_(result)
+
+
+@torch.library.register_fake("et_transformers::q4_linear_per_token")
+def _q4_linear_per_token_fake(x: Tensor, qweight: Tensor, scales: Tensor, weight_sums: Tensor) -> Tensor:
     return x.new_empty((*x.shape[:-1], qweight.shape[0] * ROWS))
 
 

@@ -8,6 +8,14 @@
 // chunk c holds row r's input 4c + t (+ 8) in its low nibble and input 16 + 4c + t (+ 8) in its high
 // one. scales fp16 [N/8, K/32, 8].
 //
+// et_transformers::q4_linear_per_token: the same weights with the activations of torchao's 8da4w
+// scheme (what XNNPACK's dynamically quantized linear computes): each row quantized to int8 with one
+// scale and zero point (quantized_decomposed's choose_qparams_per_token_asymmetric and
+// quantize_per_token, the same float operations), so the result is
+//   y[n] = sum_b dot_b * (weight_scale_b * s) - (s * z) * weight_sums[n],
+// weight_sums[n] = sum_b weight_scale_b * (sum of block b's int4 values) given with the weights: the
+// zero point's term, one multiply per output instead of one per block.
+//
 // Every output element is computed by the same sequence of float operations whatever the number of
 // rows M in the call, so a token's logits do not depend on how many tokens share the forward.
 #include <immintrin.h>
@@ -17,6 +25,7 @@
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
+#include <limits>
 #include <vector>
 
 #include "kernel_common.h"
@@ -29,12 +38,27 @@ constexpr int kBlock = 32;
 constexpr int kRows = 8;
 constexpr int kBlockBytes = kRows * kBlock / 2;  // 8 rows x 32 inputs, two per byte
 
+// One block's 32 int8 values (given as int32 in [-128, 127]) stored at q, and 8 x their sum at
+// sum8 (the correction for the weights' +8 offset, ready to subtract: one broadcast load per row
+// and block in the GEMM).
+inline void store_block(const __m256i i32[4], int8_t* q, int32_t* sum8) {
+  const __m256i s01 = _mm256_add_epi32(i32[0], i32[1]);
+  const __m256i s23 = _mm256_add_epi32(i32[2], i32[3]);
+  __m128i t = _mm_add_epi32(_mm256_castsi256_si128(_mm256_add_epi32(s01, s23)), _mm256_extracti128_si256(_mm256_add_epi32(s01, s23), 1));
+  t = _mm_hadd_epi32(t, t);
+  t = _mm_hadd_epi32(t, t);
+  // int32 -> int16 -> int8 packs interleave 128-bit lanes; the permute restores element order
+  const __m256i order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
+  const __m256i i16a = _mm256_packs_epi32(i32[0], i32[1]);
+  const __m256i i16b = _mm256_packs_epi32(i32[2], i32[3]);
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(q), _mm256_permutevar8x32_epi32(_mm256_packs_epi16(i16a, i16b), order));
+  *sum8 = 8 * _mm_cvtsi128_si32(t);
+}
+
 // Quantize one row of K floats into K/32 int8 blocks: scale = max|x| / 127, q = nearest-even(x * (1 /
-// scale)) (the conversion's default rounding), and 8 times the blocks' sums (the correction for
-// the weights' +8 offset, ready to subtract: one broadcast load per row and block in the GEMM).
+// scale)) (the conversion's default rounding), and 8 times the blocks' sums (store_block).
 void quantize_row(const float* x, int K, int8_t* q, float* scale, int32_t* sum8) {
   const __m256 sign = _mm256_set1_ps(-0.f);
-  const __m256i order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
   for (int b = 0; b < K / kBlock; ++b) {
     const float* xb = x + b * kBlock;
     __m256 v[4];
@@ -50,19 +74,56 @@ void quantize_row(const float* x, int K, int8_t* q, float* scale, int32_t* sum8)
     const __m256 id = _mm256_set1_ps(d != 0.f ? 1.f / d : 0.f);
     __m256i i32[4];
     for (int i = 0; i < 4; ++i) i32[i] = _mm256_cvtps_epi32(_mm256_mul_ps(v[i], id));
-    const __m256i s01 = _mm256_add_epi32(i32[0], i32[1]);
-    const __m256i s23 = _mm256_add_epi32(i32[2], i32[3]);
-    __m128i t = _mm_add_epi32(_mm256_castsi256_si128(_mm256_add_epi32(s01, s23)), _mm256_extracti128_si256(_mm256_add_epi32(s01, s23), 1));
-    t = _mm_hadd_epi32(t, t);
-    t = _mm_hadd_epi32(t, t);
-    // int32 -> int16 -> int8 packs interleave 128-bit lanes; the permute restores element order
-    const __m256i i16a = _mm256_packs_epi32(i32[0], i32[1]);
-    const __m256i i16b = _mm256_packs_epi32(i32[2], i32[3]);
-    const __m256i i8 = _mm256_permutevar8x32_epi32(_mm256_packs_epi16(i16a, i16b), order);
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(q + b * kBlock), i8);
+    store_block(i32, q + b * kBlock, sum8 + b);
     scale[b] = d;
-    sum8[b] = 8 * _mm_cvtsi128_si32(t);
   }
+}
+
+// Quantize one row as quantized_decomposed's per-token asymmetric int8 does, with its float
+// operations: scale s = max((max(x, 0) - min(x, 0)) / 255, eps) and zero point z from min/max in
+// float32; q = clamp(round-half-even(double(x) * (1.0 / double(s)) + z), -128, 127) in double (the
+// reference's promotion). Every block gets scale s (so the GEMM is q4_linear's) and 8 x its sum;
+// zc = s * z, the zero point's coefficient. An all-zero row gets scale 0 (its outputs are +0).
+void quantize_row_per_token(const float* x, int K, int8_t* q, float* scale, int32_t* sum8, float* zc) {
+  __m256 vmin = _mm256_loadu_ps(x), vmax = vmin;
+  for (int k = 8; k < K; k += 8) {
+    const __m256 v = _mm256_loadu_ps(x + k);
+    vmin = _mm256_min_ps(vmin, v);
+    vmax = _mm256_max_ps(vmax, v);
+  }
+  float lo[8], hi[8];
+  _mm256_storeu_ps(lo, vmin);
+  _mm256_storeu_ps(hi, vmax);
+  const float mn = std::min(*std::min_element(lo, lo + 8), 0.f);
+  const float mx = std::max(*std::max_element(hi, hi + 8), 0.f);
+  const int B = K / kBlock;
+  if (mn == 0.f && mx == 0.f) {
+    std::fill(scale, scale + B, 0.f);
+    std::fill(sum8, sum8 + B, 0);
+    std::memset(q, 0, static_cast<size_t>(K));
+    *zc = 0.f;
+    return;
+  }
+  const float s = std::max((mx - mn) / 255.f, std::numeric_limits<float>::epsilon());
+  const float dmin = mn / s, dmax = mx / s;
+  float z = (-128.f + dmin) + (127.f + dmax) > 0.f ? -128.f - dmin : 127.f - dmax;
+  z = std::nearbyint(std::min(std::max(z, -128.f), 127.f));
+  const __m256d inv = _mm256_set1_pd(1.0 / static_cast<double>(s));
+  const __m256d zd = _mm256_set1_pd(static_cast<double>(z));
+  const __m256i qmin = _mm256_set1_epi32(-128), qmax = _mm256_set1_epi32(127);
+  for (int b = 0; b < B; ++b) {
+    const float* xb = x + b * kBlock;
+    __m256i i32[4];
+    for (int i = 0; i < 4; ++i) {
+      const __m256 v = _mm256_loadu_ps(xb + 8 * i);
+      const __m128i a = _mm256_cvtpd_epi32(_mm256_add_pd(_mm256_mul_pd(_mm256_cvtps_pd(_mm256_castps256_ps128(v)), inv), zd));
+      const __m128i c = _mm256_cvtpd_epi32(_mm256_add_pd(_mm256_mul_pd(_mm256_cvtps_pd(_mm256_extractf128_ps(v, 1)), inv), zd));
+      i32[i] = _mm256_min_epi32(_mm256_max_epi32(_mm256_set_m128i(c, a), qmin), qmax);
+    }
+    store_block(i32, q + b * kBlock, sum8 + b);
+    scale[b] = s;
+  }
+  *zc = s * z;
 }
 
 struct Job {
@@ -76,7 +137,15 @@ struct Job {
   size_t groups_per_task;
   const int* rows;     // the rows to compute (the others are all zero: their outputs are +0)
   int active;          // how many
+  const float* zc;     // [M]: s * z per row (per-token activations), or nullptr (q4_linear)
+  const float* wsum;   // [N]: weight_sums
 };
+
+// Output row `row`, columns [col, col + 8): acc, less the zero point's term in a per-token call.
+inline void store8(const Job& j, int row, size_t col, __m256 acc) {
+  if (j.wsum) acc = _mm256_sub_ps(acc, _mm256_mul_ps(_mm256_set1_ps(j.zc[row]), _mm256_loadu_ps(j.wsum + col)));
+  _mm256_storeu_ps(j.y + static_cast<size_t>(row) * j.N + col, acc);
+}
 
 // Rows [g*8, g*8+8) of every computed output row m, for the groups g of task t. The 8 weight rows
 // of a block sit in the 8 int32 lanes (4 consecutive inputs per lane), so one multiply-add of a
@@ -132,7 +201,7 @@ void one_group(const Job& j, size_t g) {
         acc[i] = _mm256_add_ps(acc[i], _mm256_mul_ps(_mm256_cvtepi32_ps(dot), sc));  // the reference rounds twice too
       }
     }
-    for (int i = 0; i < tile; ++i) _mm256_storeu_ps(j.y + static_cast<size_t>(rows[i]) * j.N + g * kRows, acc[i]);
+    for (int i = 0; i < tile; ++i) store8(j, rows[i], g * kRows, acc[i]);
   }
 }
 
@@ -186,7 +255,7 @@ void two_groups(const Job& j, size_t g) {
       }
     }
     for (int i = 0; i < tile; ++i)
-      for (int v = 0; v < 2; ++v) _mm256_storeu_ps(j.y + static_cast<size_t>(rows[i]) * j.N + (g + v) * kRows, acc[i][v]);
+      for (int v = 0; v < 2; ++v) store8(j, rows[i], (g + v) * kRows, acc[i][v]);
   }
 }
 
@@ -250,6 +319,8 @@ struct Lanes16 {
   ET_VNNI512 static F mul(F a, F b) { return _mm512_mul_ps(a, b); }
   ET_VNNI512 static F addf(F a, F b) { return _mm512_add_ps(a, b); }
   ET_VNNI512 static F to_float(I v) { return _mm512_cvtepi32_ps(v); }
+  ET_VNNI512 static F loadf(const float* p) { return _mm512_loadu_ps(p); }
+  ET_VNNI512 static F subf(F a, F b) { return _mm512_sub_ps(a, b); }
   ET_VNNI512 static void store(float* y, F v) { _mm512_storeu_ps(y, v); }
 };
 
@@ -269,6 +340,8 @@ struct Lanes8 {
   ET_VNNI512 static F mul(F a, F b) { return _mm256_mul_ps(a, b); }
   ET_VNNI512 static F addf(F a, F b) { return _mm256_add_ps(a, b); }
   ET_VNNI512 static F to_float(I v) { return _mm256_cvtepi32_ps(v); }
+  ET_VNNI512 static F loadf(const float* p) { return _mm256_loadu_ps(p); }
+  ET_VNNI512 static F subf(F a, F b) { return _mm256_sub_ps(a, b); }
   ET_VNNI512 static void store(float* y, F v) { _mm256_storeu_ps(y, v); }
 };
 
@@ -326,8 +399,12 @@ ET_VNNI512 void vnni_tile(const Job& j, size_t g, const int* rows, int tile) {
     }
   }
   for (int i = 0; i < tile; ++i)
-    for (int v = 0; v < NV; ++v)
-      L::store(j.y + static_cast<size_t>(rows[i]) * j.N + (g + static_cast<size_t>(v) * L::kGroups) * kRows, acc[i][v]);
+    for (int v = 0; v < NV; ++v) {
+      const size_t col = (g + static_cast<size_t>(v) * L::kGroups) * kRows;
+      typename L::F out = acc[i][v];
+      if (j.wsum) out = L::subf(out, L::mul(L::set1f(j.zc[rows[i]]), L::loadf(j.wsum + col)));  // store8's steps
+      L::store(j.y + static_cast<size_t>(rows[i]) * j.N + col, out);
+    }
 }
 
 // Task t of the VNNI path: its groups, in sets of four for several rows, then one at a time for up
@@ -366,22 +443,31 @@ bool has_vnni512() {
 }
 const bool kVnni512 = has_vnni512() && !avx512_disabled();
 
-void q4_linear_out(KernelRuntimeContext& ctx, Span<EValue*> stack) {
-  OpScope scope(ctx.internal_event_tracer(), "et_transformers::q4_linear.out");
+// Both operators: stack is (x, qweight, scales, out), or (x, qweight, scales, weight_sums, out) with
+// per-token activations.
+void run_q4(KernelRuntimeContext& ctx, Span<EValue*> stack, bool per_token) {
+  const char* name = per_token ? "q4_linear_per_token" : "q4_linear";
   const Tensor& x = stack[0]->toTensor();
   const Tensor& w = stack[1]->toTensor();
   const Tensor& s = stack[2]->toTensor();
-  Tensor& out = stack[3]->toTensor();
+  Tensor& out = stack[per_token ? 4 : 3]->toTensor();
   ET_KERNEL_CHECK_MSG(ctx, x.scalar_type() == ScalarType::Float && w.scalar_type() == ScalarType::Byte &&
                                s.scalar_type() == ScalarType::Half && out.scalar_type() == ScalarType::Float,
-                      InvalidArgument, , "q4_linear: expected float x, uint8 qweight, half scales, float out");
+                      InvalidArgument, , "%s: expected float x, uint8 qweight, half scales, float out", name);
   ET_KERNEL_CHECK_MSG(ctx, w.dim() == 3 && w.size(2) == kBlockBytes, InvalidArgument, ,
-                      "q4_linear: qweight must be [N/8, K/32, 128] (a program built by an older et_transformers: "
-                      "export it again)");
+                      "%s: qweight must be [N/8, K/32, 128] (a program built by an older et_transformers: "
+                      "export it again)", name);
   const int N = static_cast<int>(w.size(0) * kRows);
   const int K = static_cast<int>(w.size(1) * kBlock);
   ET_KERNEL_CHECK_MSG(ctx, x.dim() >= 1 && x.size(x.dim() - 1) == K, InvalidArgument, ,
-                      "q4_linear: x's last dim must be K");
+                      "%s: x's last dim must be K", name);
+  const float* wsum = nullptr;
+  if (per_token) {
+    const Tensor& ws = stack[3]->toTensor();
+    ET_KERNEL_CHECK_MSG(ctx, ws.scalar_type() == ScalarType::Float && ws.numel() == N, InvalidArgument, ,
+                        "%s: weight_sums must be float [N]", name);
+    wsum = ws.const_data_ptr<float>();
+  }
   const int M = static_cast<int>(x.numel() / K);
   executorch::aten::SizesType sizes[16];
   for (int i = 0; i < x.dim(); ++i) sizes[i] = x.size(i);
@@ -392,16 +478,23 @@ void q4_linear_out(KernelRuntimeContext& ctx, Span<EValue*> stack) {
   thread_local std::vector<int8_t> xq;
   thread_local std::vector<float> xs;
   thread_local std::vector<int32_t> xsum;
+  thread_local std::vector<float> zc;
   xq.resize(static_cast<size_t>(M) * K);
   xs.resize(static_cast<size_t>(M) * B);
   xsum.resize(static_cast<size_t>(M) * B);
+  zc.resize(static_cast<size_t>(M));
   const float* xp = x.const_data_ptr<float>();
   int8_t* xqp = xq.data();
   float* xsp = xs.data();
   int32_t* xsump = xsum.data();
+  float* zcp = zc.data();
   for_rows(static_cast<size_t>(M), [&](size_t m0, size_t m1) {  // a prefill's rows split over the pool
-    for (size_t m = m0; m < m1; ++m)
-      quantize_row(xp + m * K, K, xqp + m * K, xsp + m * B, xsump + m * B);
+    for (size_t m = m0; m < m1; ++m) {
+      if (per_token)
+        quantize_row_per_token(xp + m * K, K, xqp + m * K, xsp + m * B, xsump + m * B, zcp + m);
+      else
+        quantize_row(xp + m * K, K, xqp + m * K, xsp + m * B, xsump + m * B);
+    }
   });
   // All-zero rows (the padding rows of a verifying program's head, on every decode step) give +0
   // whatever the weights (each term is dot * (scale * 0)): written here, not computed.
@@ -417,7 +510,7 @@ void q4_linear_out(KernelRuntimeContext& ctx, Span<EValue*> stack) {
   }
   if (rows.empty()) return;
   Job job{M, K, N, w.const_data_ptr<uint8_t>(), reinterpret_cast<const uint16_t*>(s.const_data_ptr<executorch::aten::Half>()),
-          xq.data(), xs.data(), xsum.data(), y, 0, rows.data(), static_cast<int>(rows.size())};
+          xq.data(), xs.data(), xsum.data(), y, 0, rows.data(), static_cast<int>(rows.size()), zc.data(), wsum};
   const size_t threads = pool_threads();
   const size_t G = static_cast<size_t>(N / kRows);
   // A few tasks per thread so an unevenly loaded core does not hold the others back.
@@ -431,7 +524,21 @@ void q4_linear_out(KernelRuntimeContext& ctx, Span<EValue*> stack) {
   run_tasks(kVnni512 ? task_vnni512 : task, &job, (G + job.groups_per_task - 1) / job.groups_per_task, true);
 }
 
-const executorch::runtime::Kernel kKernel("et_transformers::q4_linear.out", q4_linear_out);
-const KernelRegistrar registrar(kKernel);
+void q4_linear_out(KernelRuntimeContext& ctx, Span<EValue*> stack) {
+  OpScope scope(ctx.internal_event_tracer(), "et_transformers::q4_linear.out");
+  run_q4(ctx, stack, false);
+}
+
+void q4_linear_per_token_out(KernelRuntimeContext& ctx, Span<EValue*> stack) {
+  OpScope scope(ctx.internal_event_tracer(), "et_transformers::q4_linear_per_token.out");
+  run_q4(ctx, stack, true);
+}
+
+const executorch::runtime::Kernel kKernels[] = {
+    executorch::runtime::Kernel("et_transformers::q4_linear.out", q4_linear_out),
+    executorch::runtime::Kernel("et_transformers::q4_linear_per_token.out", q4_linear_per_token_out),
+};
+const KernelRegistrar registrar0(kKernels[0]);
+const KernelRegistrar registrar1(kKernels[1]);
 
 }  // namespace
