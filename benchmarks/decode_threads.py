@@ -9,6 +9,10 @@ tok/s per program and thread count, our/peer ratios, and with ``--etdump`` the p
 32 decode steps: delegate calls, XNNPACK GEMM time, other delegate time, ``custom_sdpa`` time and
 microseconds per call, everything else.
 
+With ``--cpp-runner TOKENIZER_JSON``, each process also runs every program through ExecuTorch's C++
+``TextLLMRunner`` (a text prompt of about the same length, greedy, EOS ignored; the runner's own
+clock), printed as the program's "(C++ runner)" row with its own ratios.
+
 With ``--llama-bench BIN --gguf FILE``, each round also runs llama.cpp's ``llama-bench`` (pp and tg
 of the same lengths, at each thread count) between the processes, so llama.cpp stands in the same
 interleaved rounds and gets its own medians and ratios.
@@ -17,7 +21,8 @@ Run:  python benchmarks/decode_threads.py --ours DIR_OR_PTE --peer PEER_PTE [--r
           [--llama-bench BIN --gguf Q4_0.gguf] [--recipe default]
       (``--ours`` defaults to a fresh export of the demo model, made by this checkout into a
       temporary cache: the peer's scheme, or with ``--recipe default`` our default recipe;
-      ``../shared/tools/peer-export.sh`` builds the peer's .pte.)
+      ``../shared/tools/peer-export.sh`` builds the peer's .pte; ``--cpp-runner TOKENIZER_JSON`` adds
+      the C++ runner's figures.)
 """
 
 from __future__ import annotations
@@ -66,7 +71,29 @@ class _RawProgram:
         self.module.write_etdump_result_to_file(str(path))
 
 
-def child(threads: int, ptes: list[str], prompt_tokens: int, new_tokens: int, reps: int, etdump: bool) -> None:
+def _runner_rows(ptes: list[str], tokenizer: str, prompt_tokens: int, new_tokens: int, reps: int) -> dict:
+    """``{pte: [(prefill, decode), ...]}`` from ExecuTorch's C++ ``TextLLMRunner`` on each program."""
+    from executorch.extension.llm.runner import GenerationConfig, TextLLMRunner
+    from tokenizers import Tokenizer
+
+    from et_transformers.bench import DEFAULT_TEXT, measure_cpp_runner
+
+    tok = Tokenizer.from_file(tokenizer)
+    ids = tok.encode((DEFAULT_TEXT + " ") * 8, add_special_tokens=False).ids[:prompt_tokens]
+    text = tok.decode(ids)
+    runners = {p: TextLLMRunner(p, tokenizer) for p in ptes}
+    for runner in runners.values():
+        measure_cpp_runner(runner, GenerationConfig, text, 4)  # warm-up
+    rows: dict[str, list] = {p: [] for p in ptes}
+    for _ in range(reps):
+        for p, runner in runners.items():
+            prefill, decode, _, _ = measure_cpp_runner(runner, GenerationConfig, text, new_tokens)
+            rows[p].append((prefill, decode))
+    return rows
+
+
+def child(threads: int, ptes: list[str], prompt_tokens: int, new_tokens: int, reps: int, etdump: bool,
+          tokenizer: str | None = None) -> None:
     """One process: size the pool, load every program, time them alternately; print JSON."""
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     import torch
@@ -105,6 +132,9 @@ def child(threads: int, ptes: list[str], prompt_tokens: int, new_tokens: int, re
         for _ in range(reps):
             for path, program in zip(ptes, programs):
                 result[path].append(run(program, new_tokens))
+        if tokenizer:
+            for path, rows in _runner_rows(ptes, tokenizer, prompt_tokens, new_tokens, reps).items():
+                result[f"{path}#cpp"] = rows
     print(json.dumps(result))
 
 
@@ -209,11 +239,14 @@ def main() -> None:
                                          "recipe) or recipe names; not with --ours")
     parser.add_argument("--llama-bench", help="llama.cpp's llama-bench binary, run in the same rounds")
     parser.add_argument("--gguf", help="the GGUF llama-bench reads (with --llama-bench)")
+    parser.add_argument("--cpp-runner", metavar="TOKENIZER_JSON",
+                        help="also time every program in ExecuTorch's C++ TextLLMRunner with this tokenizer")
     parser.add_argument("--child", type=int, help=argparse.SUPPRESS)
     parser.add_argument("ptes", nargs="*", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child is not None:
-        return child(args.child, args.ptes, args.prompt_tokens, args.new_tokens, args.reps, args.etdump)
+        return child(args.child, args.ptes, args.prompt_tokens, args.new_tokens, args.reps, args.etdump,
+                     args.cpp_runner)
 
     commit = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"],
                             capture_output=True, text=True).stdout.strip()
@@ -243,20 +276,24 @@ def main() -> None:
     def spawn(t: int, order: list[str], etdump: bool) -> dict:
         cmd = [sys.executable, __file__, "--child", str(t), "--reps", str(args.reps),
                "--prompt-tokens", str(args.prompt_tokens), "--new-tokens", str(args.new_tokens),
-               *(["--etdump"] if etdump else []), *[str(named[n]) for n in order]]
+               *(["--etdump"] if etdump else []),
+               *(["--cpp-runner", args.cpp_runner] if args.cpp_runner and not etdump else []),
+               *[str(named[n]) for n in order]]
         proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
         if proc.returncode:
             raise SystemExit(f"child failed:\n{proc.stderr[-3000:]}")
         data = json.loads(proc.stdout.strip().splitlines()[-1])
-        return {n: data[str(named[n])] for n in order}
+        rows = {n: data[str(named[n])] for n in order}
+        rows.update({f"{n} (C++ runner)": data[f"{named[n]}#cpp"] for n in order if f"{named[n]}#cpp" in data})
+        return rows
 
-    samples: dict[tuple[str, int], list] = {(n, t): [] for n in named for t in threads}
+    samples: dict[tuple[str, int], list] = {}
     names = list(named)
     for r in range(args.runs):
         for t in (threads if r % 2 == 0 else threads[::-1]):
             order = names if r % 2 == 0 else names[::-1]
             for n, rs in spawn(t, order, False).items():
-                samples[(n, t)].extend(rs)
+                samples.setdefault((n, t), []).extend(rs)
             if args.llama_bench:
                 lcpp = llama_bench(args.llama_bench, args.gguf, t, args.prompt_tokens, args.new_tokens, args.reps)
                 samples.setdefault(("llama.cpp", t), []).append(lcpp)
@@ -267,17 +304,20 @@ def main() -> None:
         print(f"  llama.cpp: llama-bench on {args.gguf}")
     print(f"prompt {args.prompt_tokens}, {args.new_tokens} new tokens, greedy, bare runtime loop, "
           f"{args.runs} rounds x {args.reps} runs, medians")
-    print(f"{'program':28}{'threads':>8}{'prefill tok/s':>15}{'decode tok/s':>14}")
+    print(f"{'program':44}{'threads':>8}{'prefill tok/s':>15}{'decode tok/s':>14}")
     med = {}
-    for (n, t), rs in samples.items():
+    for (n, t), rs in sorted(samples.items(), key=lambda item: (item[0][0].endswith("(C++ runner)"), item[0])):
         med[(n, t)] = (statistics.median(x[0] for x in rs), statistics.median(x[1] for x in rs))
-        print(f"{n:28}{t:>8}{med[(n, t)][0]:>15.1f}{med[(n, t)][1]:>14.1f}")
-    for mine in (n for n in named if n.startswith("ours")):
-        for other in ("peer", "llama.cpp"):
-            for t in threads:
-                if (other, t) in med:
-                    o, p = med[(mine, t)], med[(other, t)]
-                    print(f"{mine}/{other} at {t} thread(s): prefill {o[0] / p[0]:.2f}x, decode {o[1] / p[1]:.2f}x")
+        print(f"{n:44}{t:>8}{med[(n, t)][0]:>15.1f}{med[(n, t)][1]:>14.1f}")
+    for suffix in ("", " (C++ runner)"):
+        for mine in (n for n in named if n.startswith("ours")):
+            for other in ("peer", "llama.cpp"):
+                theirs = other if other == "llama.cpp" else other + suffix
+                for t in threads:
+                    if (theirs, t) in med and (mine + suffix, t) in med:
+                        o, p = med[(mine + suffix, t)], med[(theirs, t)]
+                        print(f"{mine + suffix}/{theirs} at {t} thread(s): prefill {o[0] / p[0]:.2f}x, "
+                              f"decode {o[1] / p[1]:.2f}x")
     if args.etdump:
         print("ETDump, per decode token (32 steps after a 128-token prompt; ms unless noted):")
         for t in threads:

@@ -519,6 +519,14 @@ class ExportConfig:
         if gs == AUTO:
             # a backend without an entry has no 4-bit scheme: _check_backend_support refuses it
             gs = DEFAULT_GROUP_SIZE.get(self.backends[0]) if four_bit else None
+        elif gs is not None and not four_bit and any(
+            s in OWN_KERNEL_SCHEMES for s in (qlinear, self.head_scheme)
+        ):
+            raise _NoEffectError(
+                "qlinear_group_size",
+                f"qlinear_group_size={gs} has no effect: {qlinear!r} (head {self.head_scheme!r}) runs on our kernel, "
+                f"whose 4-bit weights always come in groups of 32 (its block). Leave it out (or pass None).",
+            )
         elif gs is not None and not four_bit:
             raise _NoEffectError(
                 "qlinear_group_size",

@@ -252,8 +252,18 @@ def test_q4_mixed_precision_and_bad_configs(tiny_llama_model):
     assert isinstance(model.lm_head, QuantizedLinear) and model.lm_head.bits == 8
     with pytest.raises(InvalidConfigError, match=r"qlinear='q4_0' needs dtype='float32'.*bfloat16"):
         ExportConfig(qlinear="q4_0", dtype="bfloat16")
-    with pytest.raises(InvalidConfigError, match=r"qlinear_group_size=64 has no effect"):
-        ExportConfig(qlinear="q4_0", qlinear_group_size=64)
+    for scheme in ("q4_0", "8da4w_own"):
+        with pytest.raises(InvalidConfigError, match=rf"qlinear_group_size=64 has no effect: '{scheme}'.*groups of 32"):
+            ExportConfig(qlinear=scheme, qlinear_group_size=64)
+    with pytest.raises(InvalidConfigError, match=r"qhead='8da4w_own' needs dtype='float32'.*float16"):
+        ExportConfig(qlinear="8da4w", qhead="8da4w_own", dtype="float16")
+    # a layer the kernel's layout cannot hold runs the same numerics on XNNPACK
+    odd = copy.deepcopy(tiny_llama_model)
+    odd.lm_head = torch.nn.Linear(odd.lm_head.in_features, 250, bias=False)  # 250 outputs: not a multiple of 8
+    report = quantize_model(odd, ExportConfig(qlinear="8da4w_own"))
+    assert report["8da4w_own_fallback_8da4w"] == 1
+    assert isinstance(odd.lm_head, QuantizedLinear) and (odd.lm_head.bits, odd.lm_head.group_size) == (4, 32)
+    assert odd.lm_head.dynamic_activations
 
 
 @pytest.fixture(scope="module")
