@@ -227,6 +227,10 @@ def test_q4_decode_step_scores_a_token_as_a_longer_forward_does(q4_export):
     for i in range(PROMPT.shape[1] - 3, PROMPT.shape[1]):
         step = program.decode(int(PROMPT[0, i]), i)
         assert torch.equal(step[0], together[i - 1]), float((step[0] - together[i - 1]).abs().max())
+    # our kernel's head returns min(S, k) rows: a decode step computes and returns one, not k - 1 of padding
+    assert program._run(PROMPT[:, :1], 0).shape == (1, 1, 256)
+    short = program._run(PROMPT[:, :3], 0)
+    assert short.shape == (1, 3, 256) and torch.equal(short[0, 1:], together[:2])
 
 
 def test_assisted_greedy_on_a_q4_program_is_plain_greedy(q4_export):

@@ -3,8 +3,8 @@
 :class:`ExportableCausalLM` wraps a transformers causal LM whose attention is the custom SDPA
 (:mod:`.attention`), owns one key and one value buffer per attention layer (registered as module
 buffers so ``torch.export`` makes them the program's mutable state), and returns the logits of
-the last ``k`` positions only (``verify_tokens``; rows before position 0 are padding;
-``[1, vocab]`` when it is 1): prefill never
+the last ``k`` positions only (``verify_tokens``; rows before position 0 are padding, except
+with our own kernel's head, which returns ``min(S, k)`` rows; ``[1, vocab]`` when it is 1): prefill never
 materialises ``[S, vocab]`` logits nobody reads, a decode step computes one row, and one call
 scores a whole draft of assisted generation.
 """
@@ -84,8 +84,9 @@ class ExportableCausalLM(nn.Module):
     ``forward(input_ids, cache_position)`` takes ``input_ids`` ``[1, S]`` (int64) and
     ``cache_position`` ``[S]`` (int64, consecutive, starting at the number of tokens already in the
     cache) and returns float32 logits ``[1, verify_tokens, vocab]`` for positions ``S-k .. S-1``
-    (rows before the first position are padding; ``[1, vocab]`` when
-    ``verify_tokens`` is 1, ``[1, S, vocab]`` with ``logits="all"``).
+    (rows before the first position are padding; ``[1, min(S, verify_tokens), vocab]`` when the
+    head is our own kernel; ``[1, vocab]`` when ``verify_tokens`` is 1, ``[1, S, vocab]`` with
+    ``logits="all"``).
     """
 
     def __init__(
@@ -210,10 +211,9 @@ class ExportableCausalLM(nn.Module):
         keep = 0 if self.all_logits else 1
         head_swap = contextlib.nullcontext()
         if not self.all_logits and self.verify_tokens > 1:
-            # The head sees every position and takes the last k itself (zero rows before the
-            # first): transformers' negative-start slice (logits_to_keep=k) would make
-            # torch.export guard S < k.
-            keep, head_swap = 0, _narrowed_head(self.model, self.verify_tokens)
+            # The head sees every position and takes the last k itself: transformers'
+            # negative-start slice (logits_to_keep=k) would make torch.export guard S < k.
+            keep, head_swap = 0, _narrowed_head(self.model, self.verify_tokens, self._head_rows(cache_position, n))
         with head_swap:
             out = self.model(
                 **inputs,
@@ -224,31 +224,54 @@ class ExportableCausalLM(nn.Module):
                 et_cache=cache,
             )
         if self.all_logits or self.verify_tokens > 1:
-            return out.logits.float()  # [1, S, V], or [1, k, V] (rows before position 0 are padding)
+            # [1, S, V]; or [1, min(S, k), V] (an own-kernel head), or [1, k, V] (rows before position 0 are padding)
+            return out.logits.float()
         return out.logits[:, -1, :].float()  # [1, V]
+
+    def _head_rows(self, cache_position: torch.Tensor, n: int):
+        """``min(S, k)`` as a value the graph computes (from the call's contiguous cache positions),
+        when the output head is our kernel, which takes any number of rows: then a decode step's
+        head computes and returns one row, not ``k`` of which ``k - 1`` are padding (what the
+        padded form cost every plain decode step: 6-12% at k = 8). ``None`` for another head
+        (XNNPACK delegates only a fixed-shape head GEMM, see :class:`_LastRows`)."""
+        from .quantize import Q4Linear
+
+        if not isinstance(self.model.get_output_embeddings(), Q4Linear):
+            return None
+        k = self.verify_tokens
+        rows = torch.clamp(cache_position[-1] - cache_position[0] + 1, max=k).item()
+        torch._check(rows >= 1)
+        torch._check(rows <= k)
+        torch._check(rows <= n)
+        return rows
 
 
 class _LastRows(nn.Module):
-    """The output head applied to the last ``k`` positions of its input (zero rows before the first).
+    """The output head applied to the last ``k`` positions of its input (zero rows before the
+    first), or with ``rows`` (``min(S, k)``, computed in the graph) to the last ``rows`` positions.
 
     A static ``k`` keeps the head a fixed-shape GEMM that XNNPACK delegates (a data-dependent
-    ``min(S, k)`` rows would leave it, and its dynamic quantization, to portable kernels).
+    ``min(S, k)`` rows would leave it, and its dynamic quantization, to portable kernels); our own
+    kernel's head takes ``rows``.
     """
 
-    def __init__(self, head: nn.Module, k: int):
+    def __init__(self, head: nn.Module, k: int, rows=None):
         super().__init__()
         self.head = head
         self.k = k
+        self.rows = rows
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         seq = hidden.shape[1]
+        if self.rows is not None:
+            return self.head(hidden.narrow(1, seq - self.rows, self.rows))
         padded = torch.cat([hidden.new_zeros(hidden.shape[0], self.k - 1, hidden.shape[2]), hidden], dim=1)
         return self.head(padded.narrow(1, seq - 1, self.k))  # positions S-k .. S-1
 
 
 @contextlib.contextmanager
-def _narrowed_head(model: nn.Module, k: int):
-    """Inside: ``model``'s output head computes the last ``k`` positions' logits only."""
+def _narrowed_head(model: nn.Module, k: int, rows=None):
+    """Inside: ``model``'s output head computes the last ``k`` (or ``rows``) positions' logits only."""
     head = model.get_output_embeddings()
     owner, name = next(
         (mod, child_name)
@@ -256,7 +279,7 @@ def _narrowed_head(model: nn.Module, k: int):
         for child_name, child in mod.named_children()
         if child is head
     )
-    setattr(owner, name, _LastRows(head, k))
+    setattr(owner, name, _LastRows(head, k, rows))
     try:
         yield
     finally:
