@@ -99,6 +99,7 @@ RECIPE_PLANS = {
     "xnnpack-8da4w-pure": (("8da4w", 32), ("8da4w", 32), ("8da4w", 32), "8w"),
     "xnnpack-q4_0": (("q4_0", None), ("q4_0", None), ("q4_0", None), "8w"),  # q4_0 has its fixed block of 32
     "xnnpack-q4_0-head8": (("q4_0", None), ("q4_0", None), ("8da8w", None), "8w"),
+    "xnnpack-8da4w-own": (("8da4w_own", None), ("8da4w_own", None), ("8da4w_own", None), "8w"),  # fixed groups of 32
     "portable-fp32": ((None, None), (None, None), (None, None), None),
     "openvino-fp32": ((None, None), (None, None), (None, None), None),
     "openvino-4w": (("4w", 128), ("4w", 128), ("8w", None), "8w"),  # what NNCF is asked for (export/openvino.py)
