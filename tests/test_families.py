@@ -77,6 +77,34 @@ def test_prompt_lookup_greedy_matches_transformers(case, exported):
     assert et_model.stats.drafted_tokens > 0, f"{case}: nothing was drafted; the test proves nothing"
 
 
+@pytest.fixture(scope="module")
+def wrong_draft(tmp_path_factory):
+    """A tiny Llama with other random weights (the families' vocabulary): a draft that is mostly
+    wrong for every family's target."""
+    folder = tmp_path_factory.mktemp("draft")
+    source = tiny.make_model_dir(folder / "source", seed=7)
+    Exporter.from_pretrained(source, recipe("xnnpack-fp32", max_seq_len=MAX_SEQ_LEN), progress=False).run(
+        folder / "program")
+    return ETModelForCausalLM.from_pretrained(folder / "program")
+
+
+@pytest.mark.parametrize("case", list(tiny.FAMILY_CASES))
+def test_draft_model_greedy_matches_transformers(case, exported, wrong_draft):
+    """Assisted by a draft model of another family and weights, greedy output is eager greedy's:
+    rejected drafts are written over, accepted ones are the target's own argmax."""
+    model, et_model = exported(case)
+    prompt = prompt_of(12)
+    expected = eager_greedy(model, prompt)
+    got = et_model.generate(
+        prompt, max_new_tokens=NEW_TOKENS, do_sample=False, eos_token_id=None, assistant_model=wrong_draft,
+        num_assistant_tokens=4,
+    )
+    assert got[0, prompt.shape[-1]:].tolist() == expected, case
+    stats = et_model.stats
+    assert stats.drafted_tokens > 0, f"{case}: nothing was drafted; the test proves nothing"
+    assert stats.accepted_tokens < stats.drafted_tokens, f"{case}: every draft was kept; no rejection was tested"
+
+
 @pytest.mark.parametrize("case", list(tiny.FAMILY_CASES))
 def test_greedy_matches_transformers(case, exported):
     model, et_model = exported(case)
@@ -248,3 +276,25 @@ def test_cpp_text_llm_runner_runs_window_and_softcap_programs(exported):
         expected = model.generate(ids, max_new_tokens=NEW_TOKENS, do_sample=False)
     assert expected.shape[-1] - ids.shape[-1] >= 8  # not an immediate EOS
     assert "".join(pieces) == tok.decode(expected[0, ids.shape[-1]:])
+
+
+def test_dynamic_rope_gives_a_verified_draft_each_rows_own_frequencies(caplog):
+    """Past the original context, a multi-token call from position p > 0 computes row i's cos/sin
+    as a one-token call at p + i does (what plain decoding wrote to the cache), while a call from
+    position 0 (a prefill) keeps transformers' frequencies for its whole length."""
+    from et_transformers.export.transforms import traceable_dynamic_rope
+
+    model = tiny.make_model(tiny.dynamic_rope_config())
+    rope = model.model.rotary_emb
+    eager_prefill = rope(torch.zeros(1, 1, 8), torch.arange(40)[None])
+    with caplog.at_level("WARNING"):
+        assert traceable_dynamic_rope(model) == 1
+    assert "frequency vector" not in caplog.text  # llama's forward takes per-row frequencies
+    x = torch.zeros(1, 1, 8)
+    start = int(rope.original_max_seq_len) + 3
+    together = rope(x, torch.arange(start, start + 6)[None])
+    for i in range(6):
+        alone = rope(x, torch.tensor([[start + i]]))
+        assert all(torch.equal(t[:, i], a[:, 0]) for t, a in zip(together, alone)), i
+    prefill = rope(x, torch.arange(40)[None])
+    assert all(torch.equal(p, e) for p, e in zip(prefill, eager_prefill))

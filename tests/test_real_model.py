@@ -130,6 +130,38 @@ def test_prompt_lookup_on_the_default_program_is_plain_greedy_token_for_token(de
     assert demo_model.stats.accepted_tokens > 0
 
 
+def test_draft_models_on_the_default_program_give_plain_greedy_token_for_token(demo_model, tmp_path):
+    """Two drafts for the demo model's quantized program: a random tiny Llama with its tokenizer
+    (almost every draft rejected) and its own program loaded again (every draft kept): both give
+    plain greedy output."""
+    from et_transformers.export import Exporter
+
+    if not demo_model.export_config.uses_own_kernels:
+        pytest.skip("the default recipe here is an XNNPACK one (our kernels cannot run on this machine)")
+    tok = demo_model.tokenizer
+    config = tiny.llama_config(vocab_size=demo_model.program.metadata.vocab_size, tie_word_embeddings=True,
+                               bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                               pad_token_id=tok.pad_token_id, max_position_embeddings=1024)
+    source = tiny.make_model_dir(tmp_path / "source", config, seed=3)
+    tok.save_pretrained(source)
+    Exporter.from_pretrained(source, recipe("xnnpack-fp32", max_seq_len=1024), progress=False).run(tmp_path / "draft")
+    wrong = ETModelForCausalLM.from_pretrained(tmp_path / "draft")
+    itself = ETModelForCausalLM.from_pte(demo_model.program.path, tokenizer=tok)
+    ids = chat_ids(tok, "Name three colours of the rainbow.")
+    mask = torch.ones_like(ids)  # the template's end-of-turn token is also the pad token
+    plain = demo_model.generate(ids, attention_mask=mask, max_new_tokens=32, do_sample=False, eos_token_id=None)
+    for draft, kept in ((wrong, "few"), (itself, "all")):
+        drafted = demo_model.generate(ids, attention_mask=mask, max_new_tokens=32, do_sample=False,
+                                      eos_token_id=None, assistant_model=draft)
+        assert torch.equal(drafted, plain), kept
+        stats = demo_model.stats
+        assert stats.drafted_tokens > 0, kept
+        if kept == "all":
+            assert stats.accepted_tokens == stats.drafted_tokens
+        else:
+            assert stats.accepted_tokens < stats.drafted_tokens
+
+
 def test_served_over_the_openai_api_it_answers_as_generate_does_and_caches_the_first_turn(demo_model):
     """The demo model behind ``et-transformers serve``'s app (one slot: this model object), driven by
     the official openai client: greedy replies equal generate()'s, whole and streamed; a second

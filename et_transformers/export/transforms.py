@@ -9,7 +9,8 @@ change no numerics:
 * :func:`traceable_dynamic_rope`: "dynamic" (NTK) RoPE recomputes its frequencies from the
   sequence length inside Python control flow that ``torch.export`` cannot trace; the rewrite
   computes both frequency sets in the graph and picks one with ``torch.where``, exactly as
-  transformers' ``generate()`` does for a growing sequence.
+  transformers' ``generate()`` does for a growing sequence, row by row in calls past position 0
+  (so a verified draft is computed as its one-token steps would be).
 """
 
 from __future__ import annotations
@@ -53,8 +54,15 @@ def _rope_types(module: nn.Module) -> dict[str | None, str]:
     return {None: rope_type} if isinstance(rope_type, str) else {}
 
 
-def _dynamic_forward(module: nn.Module):
-    """A forward for ``module`` computing dynamic-NTK frequencies in the graph."""
+def _dynamic_forward(module: nn.Module, per_row: bool = True):
+    """A forward for ``module`` computing dynamic-NTK frequencies in the graph.
+
+    transformers recomputes the frequencies for ``seq_len = max(position) + 1`` of each call, the
+    sequence growing one token per call in ``generate()``. A call that starts at position 0 (a
+    prefill) does that here too. With ``per_row``, a call that starts later (a decode step, or a
+    draft being verified) gives each row its own ``position + 1``: what the one-token calls of
+    plain decoding would have used, so a verified draft's rows and its cache entries equal plain
+    decoding's. Without it, every row takes the call's ``max + 1``."""
     from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
     raw_forward = inspect.unwrap(type(module).forward)  # without transformers' dynamic_rope_update
@@ -66,9 +74,9 @@ def _dynamic_forward(module: nn.Module):
         if rope_type is None or "dynamic" not in rope_type:
             return raw_forward(module, x, position_ids, **kwargs)
         prefix = "" if layer_type is None else f"{layer_type}_"
-        # transformers: past the original context the frequencies are recomputed for
-        # seq_len = max(position) + 1 (the sequence grows one token per call in generate()).
         seq_len = torch.max(position_ids) + 1
+        if per_row:
+            seq_len = torch.where(torch.min(position_ids) == 0, seq_len, position_ids + 1)[..., None]
         grown, _ = ROPE_INIT_FUNCTIONS[rope_type](module.config, x.device, seq_len=seq_len, **kwargs)
         original = getattr(module, f"{prefix}original_inv_freq")
         inv_freq = torch.where(seq_len > module.original_max_seq_len, grown, original)
@@ -83,6 +91,23 @@ def _dynamic_forward(module: nn.Module):
     return forward
 
 
+def _rows_alike(module: nn.Module, per_row, call_wide) -> bool:
+    """Whether ``module``'s own forward takes per-row frequencies: a one-token call past the
+    original context must give the same values both ways (a forward that indexes its frequencies
+    as one vector fails or differs)."""
+    types = [t for t in _rope_types(module).items() if t[1] and "dynamic" in t[1]]
+    layer_type = types[0][0] if types else None
+    kwargs = {} if layer_type is None else {"layer_type": layer_type}
+    position = torch.tensor([[int(module.original_max_seq_len) + 5]])
+    x = torch.zeros(1, 1, 1)
+    try:
+        with torch.no_grad():
+            got, want = per_row(x, position, **kwargs), call_wide(x, position, **kwargs)
+    except (RuntimeError, IndexError, ValueError):
+        return False
+    return all(torch.equal(a, b) for a, b in zip(got, want))
+
+
 def traceable_dynamic_rope(model: nn.Module) -> int:
     """Give every rotary embedding of ``model`` with a "dynamic" rope type a traceable forward.
 
@@ -93,7 +118,15 @@ def traceable_dynamic_rope(model: nn.Module) -> int:
     for module in model.modules():
         types = _rope_types(module)
         if any(t and "dynamic" in t for t in types.values()) and hasattr(module, "original_max_seq_len"):
-            module.forward = _dynamic_forward(module)
+            per_row, call_wide = _dynamic_forward(module), _dynamic_forward(module, per_row=False)
+            if _rows_alike(module, per_row, call_wide):
+                module.forward = per_row
+            else:
+                logger.warning(
+                    "%s's forward takes one frequency vector per call: a verified draft's rows get the "
+                    "call's frequencies, so assisted greedy output can differ from plain greedy output "
+                    "past the original context (%d positions)", type(module).__name__, module.original_max_seq_len)
+                module.forward = call_wide
             count += 1
     return count
 
