@@ -261,6 +261,9 @@ def _configure_output(verbose: bool) -> None:
     if sys.stderr is None or not sys.stderr.isatty():
         os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+    # torch sets its own loggers' levels when it is imported (after this), from TORCH_LOGS: "-torch"
+    # makes that level ERROR, so its deprecation chatter ("W1203 ... _pytree.py ...") stays out.
+    os.environ.setdefault("TORCH_LOGS", "-torch")
     import warnings
 
     warnings.filterwarnings("ignore", category=FutureWarning)

@@ -23,6 +23,8 @@ GREEDY = ["--max-new-tokens", "8"]
 
 def assert_clean(proc):
     assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    # torch's own log format (e.g. "W1203 15:08:59.853000 4684 torch/utils/_pytree.py:630] ..."): not ours
+    assert not re.search(r"^[DIWE]\d{4} \d\d:\d\d:\d\d", proc.stderr, re.M), proc.stderr[-3000:]
 
 
 def test_export_prints_path_size_and_a_delegation_summary(cli_export):
@@ -44,6 +46,7 @@ def test_generate_streams_the_same_text_as_the_api_and_prints_stats(cli_export, 
                                   add_generation_prompt=True, return_tensors="pt", return_dict=True)["input_ids"]
     expected = cli_model.generate(ids, max_new_tokens=8)[0, ids.shape[1]:]
     assert proc.stdout.strip() == tok.decode(expected, skip_special_tokens=True).strip()
+    assert_clean(proc)
     assert re.search(r"TTFT \d+ ms, prefill [\d.]+ tok/s, decode [\d.]+ tok/s", proc.stderr)
 
 
