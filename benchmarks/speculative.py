@@ -2,11 +2,11 @@
 
 SmolLM2-135M-Instruct (from the PyPI GGUF, no Hub), the default recipe with ``verify_tokens=8``
 exported into a fresh cache folder by the code being measured (or --cache-dir to reuse one). For
-each prompt: plain greedy on the default program (``verify_tokens=1``) and on the verifying one
-(what its 8-row head costs a decode step), greedy with prompt lookup, and greedy with a draft
+each prompt: plain greedy on a one-row program (``verify_tokens=1``, the default recipe's until
+session 31) and on the verifying one (what its wider head costs a decode step), greedy with prompt lookup, and greedy with a draft
 model (the same weights at the cheaper ``xnnpack-8da4w-pure`` recipe as their own draft), in
 interleaved rounds (order reversed every other round); medians per prompt kind, the ratio to
-plain greedy on the default program, and the acceptance rate. Every output is compared with
+plain greedy on the one-row program, and the acceptance rate. Every output is compared with
 plain greedy's on the verifying program, and the script says where one first differs (a quantized
 program's multi-row forward rounds differently from its one-row decode step, so near ties can
 flip).

@@ -133,10 +133,17 @@ LOGITS_MODES: tuple[str, ...] = ("last", "all")
 
 #: Default of :attr:`ExportConfig.verify_tokens`: how many trailing positions' logits ``forward``
 #: returns, so one call scores a whole draft of assisted generation (``verify_tokens - 1`` drafted
-#: tokens after the last accepted one). 1 (the last position only): a wider head costs every decode
-#: step something (measured on q4_0 programs, whose kernel skips the padding rows, at 5-14% in
-#: benchmarks/speculative.py), and prompt lookup does not pay for it on the demo model's prompts.
+#: tokens after the last accepted one). 1 (the last position only) where the head is XNNPACK's: it
+#: delegates a fixed-shape GEMM only, so a wider head computes ``k`` rows on every decode step
+#: (6-12% of plain decoding's speed at k = 8).
 DEFAULT_VERIFY_TOKENS = 1
+
+#: The default where the output head runs on our kernel (:data:`OWN_KERNEL_SCHEMES`): it computes
+#: ``min(S, k)`` rows, so a decode step still computes one, and plain decoding measured no slower
+#: (bare runtime loop, 5 interleaved rounds: 1.02x at one thread, 1.005x at two; ``generate()``,
+#: 21 paired rounds: 1.03x, quartiles 0.94-1.07x), while ``prompt_lookup_num_tokens`` and
+#: ``assistant_model`` work without exporting again.
+OWN_HEAD_VERIFY_TOKENS = 8
 
 #: Largest ``verify_tokens``: past it the logits output alone grows to megabytes per call.
 MAX_VERIFY_TOKENS = 64
@@ -400,9 +407,11 @@ class ExportConfig:
         verify_tokens: with ``logits="last"``, ``forward`` returns the logits of the last
             ``verify_tokens`` positions (``[1, k, vocab]``, padding rows when ``S < k``), so assisted generation
             verifies ``k - 1`` drafted tokens in one call; ``1`` builds the ``[1, vocab]`` program
-            of earlier versions. The head then computes ``k`` rows on every call, decode steps
-            included. Defaults (:data:`AUTO`) to :data:`DEFAULT_VERIFY_TOKENS`; setting
-            it with ``logits="all"`` raises (every position is returned already).
+            of earlier versions. An XNNPACK head then computes ``k`` rows on every call, decode
+            steps included; a head on our kernel (``q4_0``, ``8da4w_own``) computes and returns
+            ``min(S, k)``. Defaults (:data:`AUTO`) to :data:`OWN_HEAD_VERIFY_TOKENS` (8) for a head
+            on our kernel, else :data:`DEFAULT_VERIFY_TOKENS` (1); setting it with
+            ``logits="all"`` raises (every position is returned already).
         qvision: Quantization of an image-text-to-text model's vision encoder (its linear layers):
             ``None`` (float), ``"8da8w"`` or ``"8da4w"`` (groups of ``qlinear_group_size``, 32
             without one). The default, :data:`AUTO`, is ``"8da8w"`` when ``qlinear`` is set and
@@ -476,8 +485,8 @@ class ExportConfig:
             raise InvalidConfigError(f"logits={self.logits!r} is not valid; use one of {list(LOGITS_MODES)}.")
         _check_group_size("qlinear_group_size", self.qlinear_group_size)
         _check_group_size("qembedding_group_size", self.qembedding_group_size)
-        self._resolve_verify_tokens()
         self._resolve_quantization()
+        self._resolve_verify_tokens()
         self._resolve_qvision()
         _check_backend_support(self)
 
@@ -493,7 +502,8 @@ class ExportConfig:
             object.__setattr__(self, "verify_tokens", None)
             return
         if k == AUTO:
-            k = DEFAULT_VERIFY_TOKENS
+            own_head = self.head_scheme in OWN_KERNEL_SCHEMES and self.backends == ("xnnpack",)
+            k = OWN_HEAD_VERIFY_TOKENS if own_head else DEFAULT_VERIFY_TOKENS
         if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= MAX_VERIFY_TOKENS:
             raise InvalidConfigError(
                 f"verify_tokens={k!r} is not valid: it must be an integer from 1 to {MAX_VERIFY_TOKENS} "

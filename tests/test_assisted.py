@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from et_transformers import ETModelForCausalLM, ExportConfig, InvalidConfigError
+from et_transformers.config import recipe
 from et_transformers import assisted
 
 PROMPT = torch.tensor([[5, 6, 7, 8, 9, 10, 5, 6, 7, 8, 9, 10, 5, 6]])
@@ -227,6 +228,23 @@ def test_verify_tokens_config():
     old = ExportConfig().to_dict()
     del old["verify_tokens"]
     assert ExportConfig.from_dict(old).verify_tokens == 1
+    old_q4 = recipe("xnnpack-q4_0").to_dict()
+    del old_q4["verify_tokens"]
+    assert ExportConfig.from_dict(old_q4).verify_tokens == 1
+
+
+def test_a_head_on_our_kernel_verifies_drafts_by_default():
+    """Its head returns min(S, k) rows, so k = 8 costs plain decoding nothing: the default there."""
+    for name in ("xnnpack-q4_0", "xnnpack-8da4w-own"):
+        assert recipe(name).verify_tokens == 8, name
+        assert recipe(name, verify_tokens=1).verify_tokens == 1, name  # still the caller's to choose
+    assert ExportConfig(qlinear="q4_0").verify_tokens == 8
+    # an XNNPACK head computes k rows on every decode step: one row unless asked
+    for name in ("xnnpack-q4_0-head8", "xnnpack-8da4w", "xnnpack-8da4w-pure", "xnnpack-fp32"):
+        assert recipe(name).verify_tokens == 1, name
+    assert ExportConfig(qlinear="q4_0", qhead="8da8w").verify_tokens == 1
+    # replace() resolves the default again from what the caller asked for
+    assert recipe("xnnpack-q4_0").replace(qhead="8da8w").verify_tokens == 1
 
 
 def test_chat_session_takes_assistance(et, draft):
