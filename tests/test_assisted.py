@@ -277,3 +277,49 @@ def test_prompt_lookup_adapts_its_draft_length():
     assert lookup.propose([1, 2, 3, 4, 9, 3], limit=10) == []  # only "3" matches: not enough now
     lookup.feedback(drafted=1, accepted=1)
     assert lookup.propose([1, 2, 3, 4, 9, 3], limit=10) == [4, 9, 3]
+
+
+def test_stop_strings_processors_criteria_and_max_time_behave_as_without_assistance(et, draft):
+    """Each verified row sees what a plain decode step would: stop strings end inside a kept draft
+    (the draft is the target's own program, so every draft is kept), history-dependent processors
+    see the tokens up to their row, a custom criterion stops at its token, max_time after the first."""
+    import tiny
+    from transformers import StoppingCriteria, StoppingCriteriaList
+
+    tok = tiny.make_tokenizer()
+    n = PROMPT.shape[-1]
+    assists = [dict(assistant_model=draft, num_assistant_tokens=7), dict(prompt_lookup_num_tokens=5)]
+
+    free = et.generate(PROMPT, max_new_tokens=24, do_sample=False)
+    stop = tok.decode(free[0, n + 9 : n + 11])
+    plain = et.generate(PROMPT, max_new_tokens=24, do_sample=False, stop_strings=[stop], tokenizer=tok)
+    assert n < plain.shape[1] < n + 24  # the stop string ended it early
+    for assist in assists:
+        got = et.generate(PROMPT, max_new_tokens=24, do_sample=False, stop_strings=[stop], tokenizer=tok, **assist)
+        assert torch.equal(got, plain), assist
+    stats = et.stats
+    assert stats.drafted_tokens > 0
+
+    for processing in (dict(repetition_penalty=1.5), dict(no_repeat_ngram_size=1)):
+        plain = et.generate(PROMPT, max_new_tokens=24, do_sample=False, **processing)
+        assert not torch.equal(plain, free), processing  # the processor changed the output
+        for assist in assists:
+            got = et.generate(PROMPT, max_new_tokens=24, do_sample=False, **processing, **assist)
+            assert torch.equal(got, plain), (processing, assist)
+
+    class StopAfter(StoppingCriteria):
+        def __init__(self, length):
+            self.length, self.calls = length, 0
+
+        def __call__(self, input_ids, scores, **kwargs):
+            self.calls += 1
+            return torch.full((input_ids.shape[0],), input_ids.shape[-1] >= self.length, dtype=torch.bool)
+
+    for assist in assists:
+        criterion = StopAfter(n + 6)
+        got = et.generate(PROMPT, max_new_tokens=24, do_sample=False, stopping_criteria=StoppingCriteriaList([criterion]),
+                          **assist)
+        assert torch.equal(got, free[:, : n + 6]), assist
+        assert criterion.calls == 6, assist  # once per token, as without assistance
+        timed = et.generate(PROMPT, max_new_tokens=24, do_sample=False, max_time=1e-9, **assist)
+        assert timed.shape[1] == n + 1, assist
